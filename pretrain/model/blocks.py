@@ -1,0 +1,194 @@
+"""Attention, feed-forward and norm layers for the two block families.
+
+A block is two sublayers, attention then feed-forward, each with its own norm and residual.
+Keeping them apart lets the sharing plan share the whole block, only attention, or only the
+FFN. The family decides the residual style (albert: post-LN; llama: pre-RMSNorm) and the
+layers inside; `FAMILIES` is the registry the model builds from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, as Llama does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+@dataclass
+class AttentionContext:
+    """What every attention layer of one forward pass needs, computed once."""
+
+    mask: torch.Tensor | None
+    """Boolean (B, 1, 1|T, T), True where attention is allowed; None for no mask."""
+    is_causal: bool
+    """Apply the causal mask inside SDPA (only when `mask` is None)."""
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    """(cos, sin), each (T, head_dim), for rotary position embeddings."""
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (T, head_dim) in the half-split layout of HF Llama."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    pos = torch.arange(seq_len, device=device).float()
+    freqs_TD = torch.outer(pos, inv_freq)
+    emb_TD = torch.cat((freqs_TD, freqs_TD), dim=-1)
+    return emb_TD.cos().to(dtype), emb_TD.sin().to(dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head (optionally grouped-query) self-attention through SDPA."""
+
+    def __init__(self, cfg: ModelConfig, bias: bool) -> None:
+        super().__init__()
+        H, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.dropout = cfg.attention_dropout
+        self.q = nn.Linear(H, H, bias=bias)
+        # With shared Q/K the key projection is the query projection: no second weight.
+        self.k = None if cfg.sharing.share_qk else nn.Linear(H, cfg.num_kv_heads * d, bias=bias)
+        self.v = nn.Linear(H, cfg.num_kv_heads * d, bias=bias)
+        self.o = nn.Linear(H, H, bias=bias)
+
+    def forward(self, x_BTH: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, T, H = x_BTH.shape
+        q_BnTd = self.q(x_BTH).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.k is None:
+            k_BkTd = q_BnTd
+        else:
+            k_BkTd = self.k(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BkTd = self.v(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if ctx.rope is not None:
+            cos_TD, sin_TD = ctx.rope
+            q_BnTd = q_BnTd * cos_TD + rotate_half(q_BnTd) * sin_TD
+            k_BkTd = k_BkTd * cos_TD + rotate_half(k_BkTd) * sin_TD
+        if self.num_kv_heads != self.num_heads:
+            repeat = self.num_heads // self.num_kv_heads
+            k_BkTd = k_BkTd.repeat_interleave(repeat, dim=1)
+            v_BkTd = v_BkTd.repeat_interleave(repeat, dim=1)
+        out_BnTd = F.scaled_dot_product_attention(
+            q_BnTd,
+            k_BkTd,
+            v_BkTd,
+            attn_mask=ctx.mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=ctx.is_causal and ctx.mask is None,
+        )
+        return self.o(out_BnTd.transpose(1, 2).reshape(B, T, H))
+
+
+class GeluMLP(nn.Module):
+    """albert FFN: up, GELU (tanh approximation, HF `gelu_new`), down; with biases."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x_BTH: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x_BTH), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    """llama FFN: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x_BTH: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x_BTH)) * self.up(x_BTH))
+
+
+class PostNormSublayer(nn.Module):
+    """h = norm(h + dropout(fn(h))): BERT/ALBERT post-LN."""
+
+    def __init__(self, fn: nn.Module, norm: nn.Module, dropout: float) -> None:
+        super().__init__()
+        self.fn, self.norm, self.dropout = fn, norm, nn.Dropout(dropout)
+
+    def forward(self, h_BTH: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        return self.norm(h_BTH + self.dropout(self.fn(h_BTH, ctx)))
+
+
+class PreNormSublayer(nn.Module):
+    """h = h + dropout(fn(norm(h))): pre-norm, as in Llama."""
+
+    def __init__(self, fn: nn.Module, norm: nn.Module, dropout: float) -> None:
+        super().__init__()
+        self.fn, self.norm, self.dropout = fn, norm, nn.Dropout(dropout)
+
+    def forward(self, h_BTH: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        return h_BTH + self.dropout(self.fn(self.norm(h_BTH), ctx))
+
+
+@dataclass(frozen=True)
+class BlockFamily:
+    """Everything that differs between the albert and llama families."""
+
+    sublayer: type[nn.Module]
+    norm: Callable[[int, float], nn.Module]
+    mlp: Callable[[ModelConfig], nn.Module]
+    bias: bool
+    learned_positions: bool
+    """Absolute position table in the embedding (albert) instead of RoPE (llama)."""
+    embedding_norm: bool
+    """LayerNorm(E) in the embedding; llama's is purely linear so that it folds on export."""
+    final_norm: bool
+    """A norm after the last layer (pre-norm stacks need one)."""
+
+    def attention_sublayer(self, cfg: ModelConfig) -> nn.Module:
+        attn = SelfAttention(cfg, bias=self.bias)
+        return self.sublayer(attn, self.norm(cfg.hidden_size, cfg.norm_eps), cfg.dropout)
+
+    def ffn_sublayer(self, cfg: ModelConfig) -> nn.Module:
+        return self.sublayer(self.mlp(cfg), self.norm(cfg.hidden_size, cfg.norm_eps), cfg.dropout)
+
+
+FAMILIES: dict[str, BlockFamily] = {
+    "albert": BlockFamily(
+        sublayer=PostNormSublayer,
+        norm=lambda dim, eps: nn.LayerNorm(dim, eps=eps),
+        mlp=GeluMLP,
+        bias=True,
+        learned_positions=True,
+        embedding_norm=True,
+        final_norm=False,
+    ),
+    "llama": BlockFamily(
+        sublayer=PreNormSublayer,
+        norm=RMSNorm,
+        mlp=SwiGLU,
+        bias=False,
+        learned_positions=False,
+        embedding_norm=False,
+        final_norm=True,
+    ),
+}

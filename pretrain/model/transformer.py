@@ -1,0 +1,94 @@
+"""The shared-layer Transformer: factorized embedding, shared encoder, tied heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pretrain.config import ModelConfig
+from pretrain.model.blocks import FAMILIES, AttentionContext, rope_tables
+from pretrain.model.embeddings import FactorizedEmbedding
+from pretrain.model.encoder import AdaptiveComputationTime, SharedEncoder
+from pretrain.model.heads import TOKEN_HEADS, SOPHead
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """(B, T, V), or (N, V) for the N positions selected by `predict_mask`."""
+    sop_logits: torch.Tensor | None = None
+    """(B, 2) sentence-order logits (albert with an SOP head)."""
+    ponder_cost: torch.Tensor | None = None
+    """Scalar mean(N + R) of ACT (Universal Transformer mode), unweighted."""
+
+
+class SharedTransformer(nn.Module):
+    """A Transformer whose L logical layers draw their weights from a sharing plan."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        family = FAMILIES[cfg.family]
+        self.embeddings = FactorizedEmbedding(cfg, family)
+        self.encoder = SharedEncoder(cfg, family)
+        self.final_norm = family.norm(cfg.hidden_size, cfg.norm_eps) if family.final_norm else None
+        self.head = TOKEN_HEADS[cfg.family](cfg)
+        self.sop_head = SOPHead(cfg) if cfg.family == "albert" and cfg.sop_head else None
+        self.apply(self._init_weights)
+
+    @property
+    def plan(self):
+        return self.encoder.plan
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.cfg.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, AdaptiveComputationTime):
+            # Runs after its Linear child (apply is post-order), so this bias sticks.
+            nn.init.constant_(module.halt.bias, module.bias_init)
+
+    def attention_context(
+        self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None, dtype
+    ) -> AttentionContext:
+        T, device = input_ids_BT.shape[1], input_ids_BT.device
+        rope = None
+        if not FAMILIES[self.cfg.family].learned_positions:
+            rope = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, device, dtype)
+        if attention_mask_BT is None:
+            return AttentionContext(mask=None, is_causal=self.cfg.causal, rope=rope)
+        keys_B11T = attention_mask_BT.bool()[:, None, None, :]
+        if not self.cfg.causal:
+            return AttentionContext(mask=keys_B11T, is_causal=False, rope=rope)
+        causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        # A position may always see itself, so that padded rows stay finite.
+        eye_TT = torch.eye(T, dtype=torch.bool, device=device)
+        return AttentionContext(mask=(causal_TT & keys_B11T) | eye_TT, is_causal=False, rope=rope)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        predict_mask: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """input_ids (B, T); attention_mask (B, T), 1 for real tokens; token_type_ids (B, T);
+        predict_mask (B, T) bool: compute token logits only there (masked positions)."""
+        h_BTH = self.embeddings(input_ids, token_type_ids)
+        ctx = self.attention_context(input_ids, attention_mask, h_BTH.dtype)
+        h_BTH, ponder_cost = self.encoder(h_BTH, ctx)
+        if self.final_norm is not None:
+            h_BTH = self.final_norm(h_BTH)
+        sop_logits = self.sop_head(h_BTH) if self.sop_head is not None else None
+        h_sel = h_BTH[predict_mask] if predict_mask is not None else h_BTH
+        logits = self.head(h_sel, self.embeddings)
+        return ModelOutput(logits=logits, sop_logits=sop_logits, ponder_cost=ponder_cost)

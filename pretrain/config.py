@@ -484,6 +484,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, key)
     elif tp in _SCALARS and _SCALARS[tp](value):
         return float(value) if tp is float else value
+    elif tp is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-4 (no dot) as a string; for a float key it means the number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 

@@ -105,9 +105,10 @@ class UniversalConfig:
 
 # Family-dependent defaults, applied when a key is left out.
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "albert": {"norm_eps": 1e-12, "type_vocab_size": 2, "causal": False},
-    "llama": {"norm_eps": 1e-6, "type_vocab_size": 0, "causal": True},
+    "albert": {"norm_eps": 1e-12, "type_vocab_size": 2},
+    "llama": {"norm_eps": 1e-6, "type_vocab_size": 0},
 }
+_CAUSAL_FAMILIES = frozenset({"llama"})
 
 
 @dataclass
@@ -144,7 +145,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for key, value in _FAMILY_DEFAULTS[self.family].items():
-            if key != "causal" and getattr(self, key) is None:
+            if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
@@ -212,7 +213,7 @@ class ModelConfig:
 
     @property
     def causal(self) -> bool:
-        return bool(_FAMILY_DEFAULTS[self.family]["causal"])
+        return self.family in _CAUSAL_FAMILIES
 
     @property
     def head_dim(self) -> int:

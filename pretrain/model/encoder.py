@@ -4,6 +4,7 @@ Transformer loop with Adaptive Computation Time."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -77,7 +78,13 @@ class AdaptiveComputationTime(nn.Module):
             "signal", timestep_signal(cfg.num_layers, cfg.hidden_size), persistent=False
         )
 
-    def forward(self, state_BTH, ctx, run_layer, max_steps):
+    def forward(
+        self,
+        state_BTH: torch.Tensor,
+        ctx: AttentionContext,
+        run_layer: Callable[[int, torch.Tensor, AttentionContext], torch.Tensor],
+        max_steps: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = state_BTH.shape
         halting_BT = state_BTH.new_zeros(B, T)
         remainder_BT = state_BTH.new_zeros(B, T)

@@ -51,6 +51,12 @@ class SharingConfig:
     """Last logical layer of the shared range (inclusive); default: the last layer."""
     share_qk: bool = False
     """Use one projection for queries and keys inside each layer (W_q = W_k)."""
+    ratio: float = 1.0
+    """Relaxed sharing: the shared sets hold this fraction of the shared range's parameters;
+    below 1, every layer in the range adds a low-rank delta to each shared linear weight,
+    its rank chosen to spend the rest. 1.0 is pure sharing."""
+    tie_penalty: float = 0.0
+    """Weight of an L2 penalty on the per-layer deltas (soft sharing); needs ratio < 1."""
 
     def __post_init__(self) -> None:
         _check(
@@ -72,6 +78,18 @@ class SharingConfig:
             )
             _check(self.num_sets >= 1, f"sharing.num_sets ({self.num_sets}) must be at least 1")
         _check(self.start >= 0, f"sharing.start ({self.start}) must be >= 0")
+        _check(0.0 < self.ratio <= 1.0, f"sharing.ratio ({self.ratio}) must be in (0, 1]")
+        _check(
+            self.ratio == 1.0 or self.strategy != "none",
+            f"sharing.ratio ({self.ratio}) relaxes sharing, but sharing.strategy is none;"
+            " choose a sharing strategy or set ratio to 1.0",
+        )
+        _check(self.tie_penalty >= 0.0, f"sharing.tie_penalty ({self.tie_penalty}) must be >= 0")
+        _check(
+            self.tie_penalty == 0.0 or self.ratio < 1.0,
+            f"sharing.tie_penalty ({self.tie_penalty}) penalises per-layer deltas, which exist"
+            " only with sharing.ratio < 1",
+        )
         if self.end is not None:
             _check(
                 self.end >= self.start,
@@ -206,9 +224,10 @@ class ModelConfig:
                 self.sharing.strategy == "all"
                 and self.sharing.scope == "block"
                 and self.sharing.start == 0
-                and self.sharing.end in (None, self.num_layers - 1),
+                and self.sharing.end in (None, self.num_layers - 1)
+                and self.sharing.ratio == 1.0,
                 "model.universal.enabled needs model.sharing.strategy=all over every layer with"
-                " scope=block: a Universal Transformer iterates one shared block",
+                " scope=block and ratio 1.0: a Universal Transformer iterates one shared block",
             )
 
     @property

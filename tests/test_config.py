@@ -179,6 +179,11 @@ BAD_CONFIGS = {
         [],
         "model.universal.enabled needs model.sharing.strategy=all",
     ),
+    "relaxed_ratio_too_close_to_one": (
+        None,
+        ["--model.sharing.ratio=0.999"],
+        "sharing.ratio (0.999) leaves no room for a rank-1 delta",
+    ),
     "invalid_yaml": ("model: [unclosed\n", [], "is not valid YAML"),
     "override_without_value": (None, ["--model.num_layers"], "has no value"),
     "section_as_value": ("model: 12\n", [], "model: expected a mapping of keys"),

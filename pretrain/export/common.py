@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import torch
 
+from pretrain.config import ModelConfig, SharingConfig
 from pretrain.model.sharing import SharingPlan
 
 State = dict[str, torch.Tensor]
@@ -101,3 +103,28 @@ def identity_projection(dim: int, dtype: torch.dtype, bias: bool) -> State:
     if bias:
         out["bias"] = torch.zeros(dim, dtype=dtype)
     return out
+
+
+def fold_deltas(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> tuple[State, ModelConfig]:
+    """Relaxed sharing -> the same function without sharing: layer i gets its set's weights
+    plus its own low-rank delta (up @ down). Pure sharing is returned unchanged."""
+    if cfg.sharing.ratio >= 1.0:
+        return dict(state), cfg
+    plan = SharingPlan.from_config(cfg)
+    flat = dataclasses.replace(
+        cfg, sharing=SharingConfig(strategy="none", share_qk=cfg.sharing.share_qk)
+    )
+    out = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    for i in range(plan.num_layers):
+        for component, table in (("attention", plan.attention), ("ffn", plan.ffn)):
+            prefix = f"encoder.{component}.{table[i]}."
+            for key, tensor in state.items():
+                if not key.startswith(prefix):
+                    continue
+                name = key[len(prefix) :]  # e.g. fn.q.weight
+                role = name.split(".")[1] if name.startswith("fn.") else ""
+                up = state.get(f"encoder.deltas.{i}.{role}.up.weight")
+                if up is not None and name.endswith(".weight"):
+                    tensor = tensor + up @ state[f"encoder.deltas.{i}.{role}.down.weight"]
+                out[f"encoder.{component}.{i}.{name}"] = tensor
+    return out, flat

@@ -17,6 +17,7 @@ from pretrain.export.common import (
     ConversionError,
     State,
     check_identity_projection,
+    fold_deltas,
     identity_projection,
     layers_from_hf,
     layers_to_hf,
@@ -96,16 +97,23 @@ def config_from_hf(hf: Mapping[str, Any], sop_head: bool = False) -> ModelConfig
     )
 
 
+def _groups(cfg: ModelConfig) -> int:
+    """ALBERT groups an export of `cfg` has: the plan's own when it is ALBERT's grouping
+    (and not relaxed by per-layer deltas), else one per layer."""
+    if cfg.sharing.ratio < 1.0:
+        return cfg.num_layers
+    return SharingPlan.from_config(cfg).group_count() or cfg.num_layers
+
+
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """Keyword arguments of an HF `AlbertConfig` for `cfg` (groups as `to_hf` writes them)."""
-    plan = SharingPlan.from_config(cfg)
     return {
         "model_type": "albert",
         "vocab_size": cfg.vocab_size,
         "embedding_size": cfg.embedding_size,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
-        "num_hidden_groups": plan.group_count() or cfg.num_layers,
+        "num_hidden_groups": _groups(cfg),
         "inner_group_num": 1,
         "num_attention_heads": cfg.num_heads,
         "intermediate_size": cfg.intermediate_size,
@@ -145,9 +153,9 @@ def from_hf(hf_state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> State:
 def to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> State:
     """Our albert-family state dict -> HF ALBERT (`AlbertForPreTraining` with an SOP head,
     else `AlbertForMaskedLM`) for the groups of `config_to_hf(cfg)`."""
-    plan = SharingPlan.from_config(cfg)
-    L = cfg.num_layers
-    G = plan.group_count() or L
+    G = _groups(cfg)
+    state, cfg = fold_deltas(state, cfg)
+    plan, L = SharingPlan.from_config(cfg), cfg.num_layers
     # Group g is written from the first logical layer that uses it.
     first_layers = [min(i for i in range(L) if _hf_group(i, L, G) == g) for g in range(G)]
     hf = rename(state, {ours: theirs for theirs, ours in TOP_MAP.items()})

@@ -13,7 +13,13 @@ from typing import Any
 import torch
 
 from pretrain.config import ModelConfig, SharingConfig
-from pretrain.export.common import ConversionError, State, layers_from_hf, layers_to_hf
+from pretrain.export.common import (
+    ConversionError,
+    State,
+    fold_deltas,
+    layers_from_hf,
+    layers_to_hf,
+)
 from pretrain.model.sharing import SharingPlan
 
 LAYER_MAP = {
@@ -123,6 +129,7 @@ def from_hf(hf_state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> State:
 
 def to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> State:
     """Our llama-family state dict -> HF `LlamaForCausalLM`, the factorized table folded."""
+    state, cfg = fold_deltas(state, cfg)
     table_VE = state["embeddings.tokens.weight"]
     project_HE = state.get("embeddings.project.weight")
     table_VH = table_VE if project_HE is None else table_VE @ project_HE.T

@@ -93,6 +93,8 @@ def count(model: SharedTransformer, seq_length: int, predicted_fraction: float =
         sum(_params(enc.ffn[s]) for s in plan.ffn),
         sum(_linear_flops(enc.ffn[s]) for s in plan.ffn),
     )
+    if len(enc.deltas):  # relaxed sharing: each layer's own low-rank updates, used once
+        add("blocks.deltas", _params(enc.deltas), _params(enc.deltas), _linear_flops(enc.deltas))
     if enc.act is not None:  # counted at the maximum number of steps
         L = plan.num_layers
         add("blocks.halting", _params(enc.act), L * _params(enc.act), L * _linear_flops(enc.act))

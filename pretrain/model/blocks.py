@@ -8,7 +8,7 @@ layers inside; `FAMILIES` is the registry the model builds from.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +33,9 @@ class RMSNorm(nn.Module):
 
 
 @dataclass
-class AttentionContext:
-    """What every attention layer of one forward pass needs, computed once."""
+class LayerContext:
+    """What the sublayers of one layer application need: attention inputs computed once
+    per forward pass, and the layer's own low-rank deltas under relaxed sharing."""
 
     mask: torch.Tensor | None
     """Boolean (B, 1, 1|T, T), True where attention is allowed; None for no mask."""
@@ -42,6 +43,16 @@ class AttentionContext:
     """Apply the causal mask inside SDPA (only when `mask` is None)."""
     rope: tuple[torch.Tensor, torch.Tensor] | None
     """(cos, sin), each (T, head_dim), for rotary position embeddings."""
+    deltas: Mapping[str, nn.Module] | None = None
+    """Per-role (q, k, v, o, gate, up, down) low-rank updates of this layer's shared linears."""
+
+
+def project(linear: nn.Linear, role: str, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    """A shared linear plus, under relaxed sharing, this layer's delta for it."""
+    y = linear(x)
+    if ctx.deltas is not None and role in ctx.deltas:
+        y = y + ctx.deltas[role](x)
+    return y
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -75,14 +86,26 @@ class SelfAttention(nn.Module):
         self.v = nn.Linear(H, cfg.num_kv_heads * d, bias=bias)
         self.o = nn.Linear(H, H, bias=bias)
 
-    def forward(self, x_BTH: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, x_BTH: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         B, T, H = x_BTH.shape
-        q_BnTd = self.q(x_BTH).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        q_BnTd = (
+            project(self.q, "q", x_BTH, ctx)
+            .view(B, T, self.num_heads, self.head_dim)
+            .transpose(1, 2)
+        )
         if self.k is None:
             k_BkTd = q_BnTd
         else:
-            k_BkTd = self.k(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v_BkTd = self.v(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            k_BkTd = (
+                project(self.k, "k", x_BTH, ctx)
+                .view(B, T, self.num_kv_heads, self.head_dim)
+                .transpose(1, 2)
+            )
+        v_BkTd = (
+            project(self.v, "v", x_BTH, ctx)
+            .view(B, T, self.num_kv_heads, self.head_dim)
+            .transpose(1, 2)
+        )
         if ctx.rope is not None:
             cos_TD, sin_TD = ctx.rope
             q_BnTd = q_BnTd * cos_TD + rotate_half(q_BnTd) * sin_TD
@@ -99,7 +122,7 @@ class SelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=ctx.is_causal and ctx.mask is None,
         )
-        return self.o(out_BnTd.transpose(1, 2).reshape(B, T, H))
+        return project(self.o, "o", out_BnTd.transpose(1, 2).reshape(B, T, H), ctx)
 
 
 class GeluMLP(nn.Module):
@@ -110,8 +133,9 @@ class GeluMLP(nn.Module):
         self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x_BTH: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x_BTH), approximate="tanh"))
+    def forward(self, x_BTH: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        up_BTF = F.gelu(project(self.up, "up", x_BTH, ctx), approximate="tanh")
+        return project(self.down, "down", up_BTF, ctx)
 
 
 class SwiGLU(nn.Module):
@@ -123,8 +147,9 @@ class SwiGLU(nn.Module):
         self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x_BTH: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x_BTH)) * self.up(x_BTH))
+    def forward(self, x_BTH: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        gate_BTF = F.silu(project(self.gate, "gate", x_BTH, ctx))
+        return project(self.down, "down", gate_BTF * project(self.up, "up", x_BTH, ctx), ctx)
 
 
 class PostNormSublayer(nn.Module):
@@ -134,7 +159,7 @@ class PostNormSublayer(nn.Module):
         super().__init__()
         self.fn, self.norm, self.dropout = fn, norm, nn.Dropout(dropout)
 
-    def forward(self, h_BTH: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, h_BTH: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         return self.norm(h_BTH + self.dropout(self.fn(h_BTH, ctx)))
 
 
@@ -145,7 +170,7 @@ class PreNormSublayer(nn.Module):
         super().__init__()
         self.fn, self.norm, self.dropout = fn, norm, nn.Dropout(dropout)
 
-    def forward(self, h_BTH: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, h_BTH: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         return h_BTH + self.dropout(self.fn(self.norm(h_BTH), ctx))
 
 

@@ -3,6 +3,7 @@ Transformer loop with Adaptive Computation Time."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -11,7 +12,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
-from pretrain.model.blocks import AttentionContext, BlockFamily
+from pretrain.model.blocks import BlockFamily, LayerContext
+from pretrain.model.relaxed import build_deltas
 from pretrain.model.sharing import SharingPlan
 
 
@@ -35,22 +37,30 @@ class SharedEncoder(nn.Module):
             family.attention_sublayer(cfg) for _ in range(self.plan.num_attention_sets)
         )
         self.ffn = nn.ModuleList(family.ffn_sublayer(cfg) for _ in range(self.plan.num_ffn_sets))
+        self.deltas = build_deltas(cfg, self.plan, self.attention, self.ffn)
         self.act = AdaptiveComputationTime(cfg) if cfg.universal.enabled else None
         # Set by the engine: recompute each layer in backward (non-reentrant, which is safe
         # with shared weights under ZeRO-2/3; see DEEPSPEED_FACTS.md).
         self.checkpoint_layers = False
 
-    def layer(self, i: int, h_BTH: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def layer(self, i: int, h_BTH: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        if str(i) in self.deltas:
+            ctx = dataclasses.replace(ctx, deltas=self.deltas[str(i)])
         h_BTH = self.attention[self.plan.attention[i]](h_BTH, ctx)
         return self.ffn[self.plan.ffn[i]](h_BTH, ctx)
 
-    def _run(self, i: int, h_BTH: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def _run(self, i: int, h_BTH: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         if self.checkpoint_layers and self.training:
             return checkpoint(self.layer, i, h_BTH, ctx, use_reentrant=False)
         return self.layer(i, h_BTH, ctx)
 
+    def tie_penalty(self) -> torch.Tensor | None:
+        """Sum of ||delta||_F^2 over every layer's deltas (None under pure sharing)."""
+        penalties = [d.penalty() for layer in self.deltas.values() for d in layer.values()]
+        return torch.stack(penalties).sum() if penalties else None
+
     def forward(
-        self, h_BTH: torch.Tensor, ctx: AttentionContext
+        self, h_BTH: torch.Tensor, ctx: LayerContext
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the final hidden states and the ponder cost (None without ACT)."""
         if self.act is not None:
@@ -81,8 +91,8 @@ class AdaptiveComputationTime(nn.Module):
     def forward(
         self,
         state_BTH: torch.Tensor,
-        ctx: AttentionContext,
-        run_layer: Callable[[int, torch.Tensor, AttentionContext], torch.Tensor],
+        ctx: LayerContext,
+        run_layer: Callable[[int, torch.Tensor, LayerContext], torch.Tensor],
         max_steps: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = state_BTH.shape

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from pretrain.config import ModelConfig
-from pretrain.model.blocks import FAMILIES, AttentionContext, rope_tables
+from pretrain.model.blocks import FAMILIES, LayerContext, rope_tables
 from pretrain.model.embeddings import FactorizedEmbedding
 from pretrain.model.encoder import AdaptiveComputationTime, SharedEncoder
 from pretrain.model.heads import TOKEN_HEADS, SOPHead
+from pretrain.model.relaxed import LowRankDelta
 
 
 @dataclass
@@ -22,6 +23,8 @@ class ModelOutput:
     """(B, 2) sentence-order logits (albert with an SOP head)."""
     ponder_cost: torch.Tensor | None = None
     """Scalar mean(N + R) of ACT (Universal Transformer mode), unweighted."""
+    tie_penalty: torch.Tensor | None = None
+    """Scalar sum of squared per-layer deltas (relaxed sharing), unweighted."""
 
 
 class SharedTransformer(nn.Module):
@@ -53,26 +56,28 @@ class SharedTransformer(nn.Module):
             if module.padding_idx is not None:
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
+        # apply() is post-order: the two below run after their Linear children's init.
+        elif isinstance(module, LowRankDelta):
+            nn.init.zeros_(module.up.weight)  # start from pure sharing
         elif isinstance(module, AdaptiveComputationTime):
-            # Runs after its Linear child (apply is post-order), so this bias sticks.
             nn.init.constant_(module.halt.bias, module.bias_init)
 
     def attention_context(
         self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None, dtype
-    ) -> AttentionContext:
+    ) -> LayerContext:
         T, device = input_ids_BT.shape[1], input_ids_BT.device
         rope = None
         if not FAMILIES[self.cfg.family].learned_positions:
             rope = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, device, dtype)
         if attention_mask_BT is None:
-            return AttentionContext(mask=None, is_causal=self.cfg.causal, rope=rope)
+            return LayerContext(mask=None, is_causal=self.cfg.causal, rope=rope)
         keys_B11T = attention_mask_BT.bool()[:, None, None, :]
         if not self.cfg.causal:
-            return AttentionContext(mask=keys_B11T, is_causal=False, rope=rope)
+            return LayerContext(mask=keys_B11T, is_causal=False, rope=rope)
         causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         # A position may always see itself, so that padded rows stay finite.
         eye_TT = torch.eye(T, dtype=torch.bool, device=device)
-        return AttentionContext(mask=(causal_TT & keys_B11T) | eye_TT, is_causal=False, rope=rope)
+        return LayerContext(mask=(causal_TT & keys_B11T) | eye_TT, is_causal=False, rope=rope)
 
     def forward(
         self,
@@ -91,4 +96,9 @@ class SharedTransformer(nn.Module):
         sop_logits = self.sop_head(h_BTH) if self.sop_head is not None else None
         h_sel = h_BTH[predict_mask] if predict_mask is not None else h_BTH
         logits = self.head(h_sel, self.embeddings)
-        return ModelOutput(logits=logits, sop_logits=sop_logits, ponder_cost=ponder_cost)
+        return ModelOutput(
+            logits=logits,
+            sop_logits=sop_logits,
+            ponder_cost=ponder_cost,
+            tie_penalty=self.encoder.tie_penalty(),
+        )

@@ -1,0 +1,78 @@
+"""Relaxed sharing: per-layer low-rank deltas on top of shared weights.
+
+Inside the shared range, layer i computes every shared linear as W x + B_i A_i x, with
+W shared and the rank-r pair (A_i, B_i) its own. B_i starts at zero, so training starts
+from pure sharing. The rank is the largest that keeps the shared sets at least a fraction
+`ratio` of the range's parameters (shared sets + deltas).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from pretrain.config import ConfigError, ModelConfig
+from pretrain.model.sharing import SharingPlan
+
+
+class LowRankDelta(nn.Module):
+    """x -> up(down(x)), a rank-r update of one (out x in) linear weight."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+    def penalty(self):
+        """||up @ down||_F^2 without forming the (out x in) product."""
+        u, d = self.up.weight, self.down.weight  # (out, r), (r, in)
+        return ((u.T @ u) * (d @ d.T)).sum()
+
+
+def _linears(sublayer: nn.Module) -> dict[str, nn.Linear]:
+    """The weight matrices of a sublayer by role (q, k, v, o, gate, up, down)."""
+    return {n: m for n, m in sublayer.fn.named_children() if isinstance(m, nn.Linear)}
+
+
+def build_deltas(
+    cfg: ModelConfig, plan: SharingPlan, attention: nn.ModuleList, ffn: nn.ModuleList
+) -> nn.ModuleDict:
+    """`{str(layer): {role: LowRankDelta}}` for every layer of the shared range; empty for
+    pure sharing (ratio 1)."""
+    s = cfg.sharing
+    if s.ratio >= 1.0:
+        return nn.ModuleDict()
+    layers = range(s.start, cfg.num_layers if s.end is None else s.end + 1)
+    components = []
+    if s.scope in ("block", "attention"):
+        components.append((attention, plan.attention))
+    if s.scope in ("block", "ffn"):
+        components.append((ffn, plan.ffn))
+    shared_params, roles = 0, {}
+    for sets, table in components:
+        used = sorted({table[i] for i in layers})
+        shared_params += sum(p.numel() for k in used for p in sets[k].parameters())
+        roles.update(_linears(sets[used[0]]))  # every set of a component has the same shapes
+    cost_per_rank = len(layers) * sum(lin.in_features + lin.out_features for lin in roles.values())
+    rank = int(shared_params * (1.0 - s.ratio) / s.ratio // cost_per_rank)
+    if rank < 1:
+        most = shared_params / (shared_params + cost_per_rank)
+        raise ConfigError(
+            f"sharing.ratio ({s.ratio}) leaves no room for a rank-1 delta per layer in this"
+            f" model; use sharing.ratio <= {math.floor(most * 1000) / 1000} or 1.0"
+        )
+    return nn.ModuleDict(
+        {
+            str(i): nn.ModuleDict(
+                {
+                    r: LowRankDelta(lin.in_features, lin.out_features, rank)
+                    for r, lin in roles.items()
+                }
+            )
+            for i in layers
+        }
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from pretrain.config import ConfigError, ModelConfig
@@ -24,10 +25,10 @@ class LowRankDelta(nn.Module):
         self.down = nn.Linear(in_features, rank, bias=False)
         self.up = nn.Linear(rank, out_features, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
-    def penalty(self):
+    def penalty(self) -> torch.Tensor:
         """||up @ down||_F^2 without forming the (out x in) product."""
         u, d = self.up.weight, self.down.weight  # (out, r), (r, in)
         return ((u.T @ u) * (d @ d.T)).sum()

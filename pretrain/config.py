@@ -19,8 +19,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from pretrain.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration mistake, worded for the person who wrote the config."""
 
 
@@ -272,6 +274,9 @@ class DataConfig:
 
     path: str = ""
     """Folder of preprocessed shards (tools/preprocess.py)."""
+    tokenizer: str = ""
+    """The run's tokenizer folder; default: the copy inside data.path. The shards must have
+    been tokenized with it (checked by checksum)."""
     seq_length: int = 128
     """Tokens per training sample."""
     short_seq_prob: float = 0.1
@@ -636,10 +641,10 @@ def load_config(
 
 
 def main_guard(fn: typing.Callable[[], int | None]) -> typing.NoReturn:
-    """Run a command-line entry point; a ConfigError becomes one line on stderr and exit 2."""
+    """Run a command-line entry point; a UserError becomes one line on stderr and exit 2."""
     try:
         code = fn()
-    except ConfigError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)

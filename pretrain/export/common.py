@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from pretrain.config import ModelConfig, SharingConfig
+from pretrain.errors import UserError
 from pretrain.model.sharing import SharingPlan
 
 State = dict[str, torch.Tensor]
@@ -17,7 +18,7 @@ LayerMap = Mapping[str, tuple[str, str]]
 SUFFIXES = ("weight", "bias")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint that cannot be expressed in the target format, with the reason."""
 
 

@@ -1,0 +1,1 @@
+"""Data: tokenizer, corpus reading, token shards, samples and loaders."""

@@ -1,0 +1,136 @@
+"""Deterministic, rank-aware, resumable batches.
+
+A run consumes one global stream of sample positions 0, 1, 2, ...: position p is sample
+`order(p)` of epoch p // N (a fresh permutation per epoch, from the seed), built and
+masked with randomness derived from (seed, p). Each micro-step takes the next
+micro_batch_size * world_size positions and rank r takes its contiguous slice. The
+loader's whole state is the number of consumed samples: a resumed run, with the same or a
+different number of ranks, sees the same samples at the same positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from pretrain.config import Config
+from pretrain.data.masking import MaskingSpec, mask_tokens, masking_rng
+from pretrain.data.preprocess import TOKENIZER_DIR
+from pretrain.data.samples import CausalSamples, SOPSamples
+from pretrain.data.shards import TokenShards
+from pretrain.data.sources import DataError
+from pretrain.data.tokenizer import Tokenizer
+
+
+def sample_rng(seed: int, position: int) -> np.random.Generator:
+    """Randomness of building the sample at `position` (segment split, swap, truncation);
+    masking uses its own stream, `masking_rng(seed, position)`."""
+    return np.random.default_rng(np.random.SeedSequence([seed, position, 1]))
+
+
+class EpochOrder:
+    """Global position -> sample index: a seeded permutation per epoch."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        if num_samples == 0:
+            raise DataError("the data yields no samples; use more text or a shorter seq_length")
+        self.num_samples, self.seed = num_samples, seed
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def __call__(self, position: int) -> int:
+        epoch, k = divmod(position, self.num_samples)
+        if epoch != self._epoch:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 2]))
+            self._epoch, self._perm = epoch, rng.permutation(self.num_samples)
+        return int(self._perm[k])
+
+
+class PretrainDataset(Dataset):
+    """Map-style dataset indexed by global position (not by sample)."""
+
+    def __init__(self, cfg: Config, split: str = "train", tokenizer_checksum: str | None = None):
+        data = Path(cfg.data.path)
+        self.tokenizer = Tokenizer(Path(cfg.data.tokenizer or data / TOKENIZER_DIR))
+        self.shards = TokenShards(data, split, tokenizer_checksum or self.tokenizer.info.checksum)
+        if self.shards.vocab_size > cfg.model.vocab_size:
+            raise DataError(
+                f"the shards' vocabulary ({self.shards.vocab_size}) exceeds model.vocab_size"
+                f" ({cfg.model.vocab_size}); set model.vocab_size={self.shards.vocab_size}"
+            )
+        self.seed, self.causal = cfg.train.seed, cfg.model.causal
+        if self.causal:
+            self.samples = CausalSamples(self.shards, cfg.data.seq_length)
+        else:
+            self.samples = SOPSamples(
+                self.shards, cfg.data.seq_length, cfg.data.short_seq_prob, cfg.train.seed
+            )
+            ids = self.shards.special_ids
+            o = cfg.objective
+            self.masking = MaskingSpec(
+                mask_prob=o.mask_prob,
+                max_predictions=o.max_predictions,
+                max_ngram=o.max_ngram,
+                whole_word=o.whole_word,
+                mask_id=ids["mask"],
+                vocab_size=self.shards.vocab_size,
+                special_ids=frozenset(ids.values()),
+            )
+            self.word_start = self.tokenizer.word_start
+        self.order = EpochOrder(len(self.samples), self.seed)
+
+    def __len__(self) -> int:
+        """Samples per epoch."""
+        return len(self.samples)
+
+    def __getitem__(self, position: int) -> dict[str, np.ndarray]:
+        sample = self.samples.build(self.order(position), sample_rng(self.seed, position))
+        if self.causal:
+            return sample
+        masked = mask_tokens(
+            sample["input_ids"],
+            self.word_start[sample["input_ids"]],
+            self.masking,
+            masking_rng(self.seed, position),
+        )
+        sample["input_ids"], sample["mlm_labels"] = masked.input_ids, masked.labels
+        return sample
+
+
+class RankBatchSampler(Sampler[list[int]]):
+    """Endless micro-batches of global positions for one rank, from `consumed` on."""
+
+    def __init__(self, consumed: int, micro_batch_size: int, rank: int, world_size: int) -> None:
+        self.consumed, self.micro, self.rank, self.world = consumed, micro_batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.consumed + self.rank * self.micro
+        while True:
+            yield list(range(start, start + self.micro))
+            start += self.micro * self.world
+
+
+def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    return default_collate(samples)
+
+
+def make_loader(
+    dataset: PretrainDataset,
+    consumed: int,
+    micro_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+) -> DataLoader:
+    """Micro-batches for `rank`, starting after `consumed` samples of the global stream."""
+    sampler = RankBatchSampler(consumed, micro_batch_size, rank, world_size)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        persistent_workers=num_workers > 0,
+    )

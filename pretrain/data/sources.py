@@ -1,0 +1,220 @@
+"""Reading raw corpora: plain text, JSON lines, CSV, Parquet and `save_to_disk` datasets.
+
+Every input yields documents (one string each). A plain-text file is one document; a JSON
+line, CSV or Parquet row, or dataset row is one document. Rows that cannot be used are
+skipped and counted by reason in a `ReadReport`, never dropped silently; a problem that
+makes the whole input unusable is a `DataError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain.errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".text")
+JSON_SUFFIXES = (".jsonl", ".json")
+TABLE_SUFFIXES = (".csv", ".parquet")
+SUPPORTED = TEXT_SUFFIXES + JSON_SUFFIXES + TABLE_SUFFIXES
+
+
+class DataError(UserError):
+    """Input data that cannot be used as given."""
+
+
+@dataclass
+class ReadReport:
+    """What reading the inputs found, besides the documents themselves."""
+
+    files: int = 0
+    documents: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    """Rows left out, by reason (malformed_json, missing_text_field, empty, ...)."""
+    replaced_utf8: int = 0
+    """Documents whose undecodable (non-UTF-8) bytes were replaced by U+FFFD."""
+    first_problem: dict[str, str] = field(default_factory=dict)
+    """Where each skip reason was first seen (file:line), to point the user at it."""
+    ignored_files: list[str] = field(default_factory=list)
+    """Files in input folders with an unsupported suffix."""
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        self.first_problem.setdefault(reason, where)
+
+    def summary(self) -> str:
+        parts = [f"{self.documents} documents from {self.files} files"]
+        for reason, n in sorted(self.skipped.items()):
+            parts.append(f"skipped {n} ({reason}, first at {self.first_problem[reason]})")
+        if self.replaced_utf8:
+            parts.append(f"{self.replaced_utf8} documents had non-UTF-8 bytes replaced")
+        if self.ignored_files:
+            parts.append(f"ignored {len(self.ignored_files)} files of unsupported type")
+        return "; ".join(parts)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "dataset_info.json").is_file()
+        or (path / "state.json").is_file()
+        or (path / "dataset_dict.json").is_file()
+    )
+
+
+def expand_inputs(paths: Iterable[str | Path], report: ReadReport) -> list[Path]:
+    """Files and `save_to_disk` folders to read, folders expanded in sorted order."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise DataError(f"input {str(path)!r} does not exist")
+        if path.is_file():
+            if path.suffix.lower() not in SUPPORTED:
+                raise DataError(
+                    f"input {str(path)!r} has unsupported type {path.suffix!r};"
+                    f" supported: {', '.join(SUPPORTED)} files or a save_to_disk folder"
+                )
+            out.append(path)
+        elif _is_saved_dataset(path):
+            out.append(path)
+        else:
+            for child in sorted(p for p in path.rglob("*") if p.is_file()):
+                if child.suffix.lower() in SUPPORTED:
+                    out.append(child)
+                elif not child.name.startswith("."):
+                    report.ignored_files.append(str(child))
+    if not out:
+        raise DataError(
+            f"no input files found in {', '.join(map(str, paths))};"
+            f" expected {', '.join(SUPPORTED)} files or a save_to_disk folder"
+        )
+    return out
+
+
+def _decode(data: bytes, report: ReadReport) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        report.replaced_utf8 += 1
+        return data.decode("utf-8", errors="replace")
+
+
+def _check_text(value: object, where: str, report: ReadReport) -> str | None:
+    """The usable text of one row, or None after counting why it is not usable."""
+    if value is None:
+        report.skip("null_text", where)
+    elif not isinstance(value, str):
+        report.skip("non_string_text", where)
+    elif not value.strip():
+        report.skip("empty", where)
+    else:
+        return value
+    return None
+
+
+def _read_text_file(path: Path, report: ReadReport) -> Iterator[str]:
+    text = _check_text(_decode(path.read_bytes(), report), str(path), report)
+    if text is not None:
+        yield text
+
+
+def _json_rows(path: Path, report: ReadReport) -> Iterator[tuple[str, object]]:
+    """(location, parsed row) of a JSON-lines file, or of a file holding one JSON array."""
+    with path.open("rb") as f:
+        is_array = f.read(1) == b"["
+        f.seek(0)
+        if is_array:
+            try:
+                rows = json.loads(_decode(f.read(), report))
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path} is not valid JSON (line {err.lineno}): fix or remove it"
+                ) from None
+            yield from ((f"{path}:item {i}", row) for i, row in enumerate(rows))
+            return
+        for number, raw in enumerate(f, start=1):
+            line = _decode(raw, report)
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError:
+                report.skip("malformed_json", f"{path}:{number}")
+
+
+def _read_json(path: Path, text_field: str, report: ReadReport) -> Iterator[str]:
+    objects = 0
+    fields_seen: set[str] = set()
+    for where, row in _json_rows(path, report):
+        if not isinstance(row, dict):
+            report.skip("not_an_object", where)
+            continue
+        objects += 1
+        fields_seen.update(row)
+        if text_field not in row:
+            report.skip("missing_text_field", where)
+            continue
+        text = _check_text(row[text_field], where, report)
+        if text is not None:
+            yield text
+    if objects and text_field not in fields_seen:
+        raise _missing_field(path, text_field, fields_seen)
+
+
+def _missing_field(path: Path, text_field: str, fields: Iterable[str]) -> DataError:
+    return DataError(
+        f"--text-field {text_field!r} not found in {path} (fields: {', '.join(sorted(fields))});"
+        " pass --text-field NAME"
+    )
+
+
+def _read_dataset(path: Path, text_field: str, report: ReadReport) -> Iterator[str]:
+    import datasets  # heavy import, only when a table or saved dataset is read
+
+    datasets.disable_progress_bars()
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise DataError(
+                        f"saved dataset {path} has splits {', '.join(ds)} but no 'train' split;"
+                        " pass the split's folder instead"
+                    )
+                ds = ds["train"]
+        else:
+            kind = path.suffix.lower().lstrip(".")
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except (ValueError, OSError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+    finally:
+        datasets.enable_progress_bars()
+    if text_field not in ds.column_names:
+        raise _missing_field(path, text_field, ds.column_names)
+    for i, value in enumerate(ds[text_field]):
+        text = _check_text(value, f"{path}:row {i}", report)
+        if text is not None:
+            yield text
+
+
+def iter_documents(
+    paths: Iterable[str | Path], text_field: str, report: ReadReport
+) -> Iterator[str]:
+    """Documents of every input in order; `report` counts what was skipped."""
+    for path in expand_inputs(paths, report):
+        report.files += 1
+        suffix = path.suffix.lower()
+        if path.is_file() and suffix in TEXT_SUFFIXES:
+            docs = _read_text_file(path, report)
+        elif path.is_file() and suffix in JSON_SUFFIXES:
+            docs = _read_json(path, text_field, report)
+        else:
+            docs = _read_dataset(path, text_field, report)
+        for doc in docs:
+            report.documents += 1
+            yield doc

@@ -104,7 +104,12 @@ class RankBatchSampler(Sampler[list[int]]):
     """Endless micro-batches of global positions for one rank, from `consumed` on."""
 
     def __init__(self, consumed: int, micro_batch_size: int, rank: int, world_size: int) -> None:
-        self.consumed, self.micro, self.rank, self.world = consumed, micro_batch_size, rank, world_size
+        self.consumed, self.micro, self.rank, self.world = (
+            consumed,
+            micro_batch_size,
+            rank,
+            world_size,
+        )
 
     def __iter__(self) -> Iterator[list[int]]:
         start = self.consumed + self.rank * self.micro

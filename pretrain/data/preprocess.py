@@ -210,7 +210,7 @@ def preprocess(
             },
             "dtype": dtype.name,
             "text_field": text_field,
-            "held_out": held_out,
+            "held_out": float(held_out),
             "seed": seed,
             "splits": {name: w.finish() for name, w in writers.items()},
             "read": {

@@ -49,7 +49,9 @@ class SOPSamples:
         self.too_short = 0
         """Chunks of a single one-token sentence, which cannot make a pair (counted)."""
         rows: list[tuple[int, int, int]] = []
-        rng = np.random.default_rng([seed, 0x50])
+        # Streams are tagged in the third slot (1 samples, 2 epoch order, 3 chunking);
+        # masking_rng uses [seed, position] alone.
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0, 3]))
         for doc in range(shards.num_documents):
             self._chunk_document(doc, shards.sentence_lengths(doc), short_seq_prob, rng, rows)
         self.index = np.array(rows, dtype=np.int64).reshape(-1, 3)  # (doc, first, count)

@@ -41,7 +41,10 @@ class TokenShards:
     ) -> None:
         self.directory = Path(directory)
         self.meta = read_metadata(directory)
-        if tokenizer_checksum is not None and self.meta["tokenizer"]["checksum"] != tokenizer_checksum:
+        if (
+            tokenizer_checksum is not None
+            and self.meta["tokenizer"]["checksum"] != tokenizer_checksum
+        ):
             raise DataError(
                 f"shards in {directory} were tokenized with another tokenizer (checksum"
                 f" {self.meta['tokenizer']['checksum'][:12]}..., this run's is"
@@ -74,7 +77,9 @@ class TokenShards:
                 f"shard {paths[0]} holds {actual} bytes but its index says {expected}"
                 " (truncated or replaced); preprocess again"
             )
-        tokens = np.memmap(paths[0], dtype=self.dtype, mode="r") if actual else np.zeros(0, self.dtype)
+        tokens = (
+            np.memmap(paths[0], dtype=self.dtype, mode="r") if actual else np.zeros(0, self.dtype)
+        )
         return _Shard(tokens, sentences, documents)
 
     @property
@@ -104,7 +109,5 @@ class TokenShards:
 
     def document_lengths(self) -> np.ndarray:
         """int64 (D,) tokens per document, across all shards."""
-        lengths = [
-            np.diff(np.asarray(s.sentences)[np.asarray(s.documents)]) for s in self._shards
-        ]
+        lengths = [np.diff(np.asarray(s.sentences)[np.asarray(s.documents)]) for s in self._shards]
         return np.concatenate(lengths).astype(np.int64)

@@ -361,6 +361,11 @@ class EngineConfig:
     offload_params: bool = False
     activation_checkpointing: bool = False
     """Non-reentrant activation checkpointing of every layer application."""
+    zero3_persistence_threshold: int = 100000
+    """ZeRO-3 keeps parameters smaller than this many elements unpartitioned (DeepSpeed's
+    stage3_param_persistence_threshold); 0 partitions everything."""
+    comms_logger: bool = False
+    """Record every collective (DeepSpeed comms logger) and print a summary at the end."""
 
     def __post_init__(self) -> None:
         _check(
@@ -391,8 +396,9 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate on the held-out split every N steps; 0 disables it."""
     eval_steps: int = 10
-    init_from: str = ""
-    """A native export to start from instead of a random initialisation."""
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    """A NaN/inf loss: skip that micro-batch's update and go on, or stop the run (the last
+    checkpoint stays as it was)."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, f"train.max_steps ({self.max_steps}) must be >= 1")

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Pretrain with the deepspeed launcher on this machine, or on several with a hostfile.
+#
+#   bash launch/pretrain.sh CONFIG [--dotted.overrides ...]
+#
+# Environment:
+#   NUM_GPUS     processes per node (default: every GPU, or 2 CPU ranks without GPUs)
+#   NUM_NODES    nodes to use from HOSTFILE (default: all of them)
+#   HOSTFILE     deepspeed hostfile ("host slots=N" per line) for multi-node runs
+#   MASTER_ADDR  address of rank 0 (default: the launcher's choice)
+#   MASTER_PORT  rendezvous port (default: the launcher's, 29500)
+#   PYTHON       interpreter (default: the project's .venv, else python3)
+#
+# `deepspeed --no_python launch/pretrain.sh CONFIG` also works: started once per rank
+# (RANK and WORLD_SIZE set), the script runs the trainer directly.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PYTHON:-$root/.venv/bin/python}
+[ -x "$python" ] || python=$(command -v python3)
+train="$root/pretrain/train.py"
+
+args=()
+for arg in "$@"; do
+  case "$arg" in
+    --local_rank=*) ;;  # added by the deepspeed launcher; ranks come from the environment
+    *) args+=("$arg") ;;
+  esac
+done
+if [ ${#args[@]} -lt 1 ]; then
+  echo "usage: bash launch/pretrain.sh CONFIG [--dotted.overrides ...]" >&2
+  exit 2
+fi
+config=${args[0]}
+overrides=("${args[@]:1}")
+
+if [ -n "${RANK:-}" ] && [ -n "${WORLD_SIZE:-}" ]; then
+  exec "$python" "$train" --config "$config" "${overrides[@]}"
+fi
+
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+fi
+if [ "$gpus" -eq 0 ]; then
+  # CPU ranks: one OpenMP thread each, or step times swing wildly on shared cores.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  num_gpus=${NUM_GPUS:-2}
+else
+  num_gpus=${NUM_GPUS:-$gpus}
+fi
+
+launcher=("$python" -m deepspeed.launcher.runner --num_gpus "$num_gpus")
+[ -n "${HOSTFILE:-}" ] && launcher+=(--hostfile "$HOSTFILE")
+[ -n "${NUM_NODES:-}" ] && launcher+=(--num_nodes "$NUM_NODES")
+[ -n "${MASTER_ADDR:-}" ] && launcher+=(--master_addr "$MASTER_ADDR")
+[ -n "${MASTER_PORT:-}" ] && launcher+=(--master_port "$MASTER_PORT")
+
+exec "${launcher[@]}" "$train" --config "$config" "${overrides[@]}"

@@ -1,0 +1,56 @@
+"""The DeepSpeed config, built from our typed config.
+
+Every value the run relies on is written out, never left to DeepSpeed's defaults (which
+change between releases: 0.19.8 clips gradients at 1.0 unless told otherwise).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pretrain.config import EngineConfig, OptimConfig
+
+NEVER = 1 << 30  # DeepSpeed's own periodic console prints are replaced by our logging
+
+
+def zero_config(engine: EngineConfig) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": engine.zero_stage}
+    if engine.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = engine.zero3_persistence_threshold
+    if engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if engine.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    return zero
+
+
+def precision_config(precision: str) -> dict[str, Any]:
+    return {
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+    }
+
+
+def build_ds_config(engine: EngineConfig, optim: OptimConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed config for `world_size` data-parallel ranks."""
+    return {
+        "train_micro_batch_size_per_gpu": engine.micro_batch_size,
+        "gradient_accumulation_steps": engine.grad_accum_steps,
+        "train_batch_size": engine.micro_batch_size * engine.grad_accum_steps * world_size,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero_config(engine),
+        **precision_config(engine.precision),
+        # Our optimizers (torch AdamW, our LAMB) are plain torch optimizers.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": NEVER,
+        "wall_clock_breakdown": False,
+        "comms_logger": {"enabled": engine.comms_logger, "prof_all": True, "verbose": False},
+    }

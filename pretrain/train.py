@@ -1,0 +1,288 @@
+"""Pretraining entry point.
+
+    deepspeed pretrain/train.py --config configs/tiny-albert.yaml [--dotted.overrides]
+    torchrun --nproc_per_node 2 pretrain/train.py --config ...
+    python pretrain/train.py --config ...          (one process)
+
+A run writes into train.output_dir: checkpoints/, tensorboard/, metrics.jsonl. Starting a
+run whose output_dir holds checkpoints resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts pretrain/ itself first on sys.path, where its modules would
+# shadow top-level names; the package is imported from the installed project instead.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse
+import signal
+import time
+from collections.abc import Iterator
+
+import torch
+
+from pretrain.config import Config, ConfigError, load_config, main_guard, to_dict
+from pretrain.data.loader import PretrainDataset, make_loader
+from pretrain.engine import checkpoint, runtime
+from pretrain.errors import UserError
+from pretrain.metrics import MetricsLogger, memory_stats, peak_tflops, throughput
+from pretrain.model import SharedTransformer
+from pretrain.objectives import compute_loss, model_inputs
+from pretrain.summary import account
+
+
+class NonFiniteLossError(UserError):
+    """A NaN/inf loss with train.on_nonfinite=stop."""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(saved: dict, cfg: Config, tokenizer_checksum: str, world: int, where: str):
+    """A checkpoint continues only the same model on the same tokenizer and engine layout."""
+    now = _flatten(to_dict(cfg.model), "model.")
+    before = _flatten(saved["config"]["model"], "model.")
+    changed = [k for k in sorted(now) if before.get(k) != now[k]]
+    if changed:
+        k = changed[0]
+        raise ConfigError(
+            f"cannot resume from {where}: {k} is {before.get(k)!r} there and {now[k]!r} now;"
+            " restore the model config or start a new train.output_dir"
+        )
+    if saved["tokenizer_checksum"] != tokenizer_checksum:
+        raise ConfigError(
+            f"cannot resume from {where}: it was trained on shards of another tokenizer;"
+            " use the original data.path or a new train.output_dir"
+        )
+    stage = saved["config"]["engine"]["zero_stage"]
+    if (saved["world_size"], stage) != (world, cfg.engine.zero_stage):
+        raise ConfigError(
+            f"cannot resume from {where}: it was saved by {saved['world_size']} ranks with ZeRO"
+            f" stage {stage}, this run has {world} with stage {cfg.engine.zero_stage};"
+            " resume with the same number of ranks and engine.zero_stage"
+        )
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.engine, self.logger = cfg, None, None
+        self.world = runtime.init_distributed()
+        try:
+            self._build()
+        except BaseException:
+            self.close()  # leave no process group behind (exit crash, DEEPSPEED_FACTS.md)
+            raise
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        self.out = Path(cfg.train.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.train_data = PretrainDataset(cfg, "train")
+        self.eval_data = PretrainDataset(cfg, "valid") if cfg.train.eval_every else None
+        model = SharedTransformer(cfg.model)
+        model.encoder.checkpoint_layers = cfg.engine.activation_checkpointing
+        self.engine = runtime.initialize(model, cfg, self.world)
+        self.step, self.consumed, self.last_saved = 0, 0, -1
+        self._resume()
+        self.flops_per_token = account(cfg).flops_per_token
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        self.peak = peak_tflops(device_name, cfg.engine.precision, cfg.logging.peak_tflops)
+        self.logger = MetricsLogger(
+            self.out,
+            enabled=self.world.rank == 0,
+            tensorboard=cfg.logging.tensorboard,
+            total_steps=cfg.train.max_steps,
+            initial_step=self.step,
+        )
+        self._signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    # -- state -------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self._signal = signum  # acted on between steps, on every rank at once
+
+    def _client_state(self) -> dict:
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed,
+            "config": self.cfg.to_dict(),
+            "tokenizer_checksum": self.train_data.tokenizer.info.checksum,
+            "world_size": self.world.size,
+        }
+
+    def _resume(self) -> None:
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is None:
+            return
+        where = str(self.ckpt_dir / tag)
+        state = checkpoint.load(self.engine, self.ckpt_dir, tag, self.world.rank)
+        check_resumable(
+            state, self.cfg, self.train_data.tokenizer.info.checksum, self.world.size, where
+        )
+        self.step, self.consumed = state["step"], state["consumed_samples"]
+        self.last_saved = self.step
+        self._print(f"resumed from {where} at step {self.step} ({self.consumed} samples)")
+
+    def save(self) -> None:
+        if self.last_saved == self.step:
+            return
+        tag = checkpoint.save(
+            self.engine,
+            self.ckpt_dir,
+            self.step,
+            self._client_state(),
+            self.cfg.checkpoint.keep_last,
+            self.world.rank,
+        )
+        self.last_saved = self.step
+        self._print(f"saved checkpoint {self.ckpt_dir / tag}")
+
+    def _print(self, message: str) -> None:
+        if self.world.rank == 0:
+            print(message, file=sys.stderr, flush=True)
+
+    # -- steps -------------------------------------------------------------------------
+
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        """Forward, backward and (at accumulation boundaries) the update of one
+        micro-batch; None when its loss was not finite and the update was skipped."""
+        batch = {k: v.to(self.world.device) for k, v in batch.items()}
+        loss, metrics = compute_loss(self.engine(**model_inputs(batch)), batch, self.cfg)
+        if runtime.any_rank(not bool(torch.isfinite(loss)), self.world.device):
+            if self.cfg.train.on_nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {self.step + 1}; stopped with the last"
+                    f" checkpoint intact (train.on_nonfinite=skip skips such updates)"
+                )
+            self._print(f"step {self.step + 1}: non-finite loss, update skipped")
+            return None
+        self.engine.backward(loss)
+        self.engine.step()
+        return {k: float(v) for k, v in metrics.items()}
+
+    def train_step(self, loader: Iterator) -> dict[str, float]:
+        """One optimizer step over grad_accum_steps micro-batches; metrics averaged over
+        micro-batches and ranks."""
+        sums: dict[str, float] = {}
+        done = 0
+        for _ in range(self.cfg.engine.grad_accum_steps):
+            metrics = self.micro_step(next(loader))
+            if metrics is not None:
+                done += 1
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        means = {k: v / max(done, 1) for k, v in sums.items()}
+        means["skipped_micro_batches"] = self.cfg.engine.grad_accum_steps - done
+        return runtime.mean_across_ranks(means, self.world.device)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean metrics over the same train.eval_steps held-out batches every time."""
+        e = self.cfg.engine
+        loader = iter(
+            make_loader(self.eval_data, 0, e.micro_batch_size, self.world.rank, self.world.size)
+        )
+        self.engine.eval()
+        sums: dict[str, float] = {}
+        for _ in range(self.cfg.train.eval_steps):
+            batch = {k: v.to(self.world.device) for k, v in next(loader).items()}
+            _, metrics = compute_loss(self.engine(**model_inputs(batch)), batch, self.cfg)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        self.engine.train()
+        means = {f"eval_{k}": v / self.cfg.train.eval_steps for k, v in sums.items()}
+        return runtime.mean_across_ranks(means, self.world.device)
+
+    def _step_metrics(self, metrics: dict[str, float], samples: int, seconds: float) -> dict:
+        tokens = samples * self.cfg.data.seq_length
+        speed = throughput(tokens, seconds, self.flops_per_token, self.world.size, self.peak)
+        fp16 = self.cfg.engine.precision == "fp16"
+        scale = runtime.current_loss_scale(self.engine) if fp16 else None
+        return {
+            **metrics,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": self.engine.get_global_grad_norm(),
+            "loss_scale": scale,
+            **speed,
+            **memory_stats(self.world.device),
+        }
+
+    # -- the run -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg, e = self.cfg, self.cfg.engine
+        per_step = e.micro_batch_size * e.grad_accum_steps * self.world.size
+        loader = iter(
+            make_loader(
+                self.train_data,
+                self.consumed,
+                e.micro_batch_size,
+                self.world.rank,
+                self.world.size,
+                cfg.data.num_workers,
+            )
+        )
+        while self.step < cfg.train.max_steps:
+            if runtime.any_rank(self._signal is not None, self.world.device):
+                self._print("signal received: saving a checkpoint and exiting")
+                break
+            start = time.perf_counter()
+            metrics = self.train_step(loader)
+            self.step += 1
+            self.consumed += per_step
+            self._after_step(metrics, per_step, time.perf_counter() - start)
+        self.save()
+        self._print(self.logger.summary())
+        return 0
+
+    def _after_step(self, metrics: dict[str, float], samples: int, seconds: float) -> None:
+        cfg = self.cfg
+        if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
+            self.logger.log(self.step, self._step_metrics(metrics, samples, seconds))
+        if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+            self.logger.log(self.step, self.evaluate())
+        if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+            self.save()
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+        if self.engine is not None and self.cfg.engine.comms_logger:
+            runtime.log_comm_summary()
+        engine, self.engine = self.engine, None
+        runtime.teardown(engine)
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    parser = argparse.ArgumentParser(prog="pretrain/train.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args(argv)
+    return args.config, overrides
+
+
+def main(argv: list[str]) -> int:
+    path, overrides = parse_args(argv)
+    trainer = Trainer(load_config(path, overrides))
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main_guard(lambda: main(sys.argv[1:]))

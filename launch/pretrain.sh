@@ -56,4 +56,29 @@ launcher=("$python" -m deepspeed.launcher.runner --num_gpus "$num_gpus")
 [ -n "${MASTER_ADDR:-}" ] && launcher+=(--master_addr "$MASTER_ADDR")
 [ -n "${MASTER_PORT:-}" ] && launcher+=(--master_port "$MASTER_PORT")
 
-exec "${launcher[@]}" "$train" --config "$config" "${overrides[@]}"
+# DeepSpeed's single-node runner does not pass SIGTERM/SIGINT on to the ranks, so this
+# script does: every rank then saves a checkpoint and exits (as under SLURM, where each
+# task receives the signal itself).
+descendants() {
+  local child
+  for child in $(pgrep -P "$1"); do
+    echo "$child"
+    descendants "$child"
+  done
+}
+forward() {
+  # shellcheck disable=SC2046
+  kill -s "$1" $(descendants $$) 2>/dev/null || true
+}
+
+"${launcher[@]}" "$train" --config "$config" "${overrides[@]}" &
+child=$!
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+# `wait` returns early when a trapped signal arrives; keep waiting until the launcher ends.
+while :; do
+  status=0
+  wait "$child" || status=$?
+  kill -0 "$child" 2>/dev/null || break
+done
+exit "$status"

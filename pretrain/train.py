@@ -19,6 +19,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
 import argparse
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -96,6 +97,7 @@ class Trainer:
         self.engine = runtime.initialize(model, cfg, self.world)
         self.step, self.consumed, self.last_saved = 0, 0, -1
         self._resume()
+        self.first_step = self.step
         self.flops_per_token = account(cfg).flops_per_token
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         self.peak = peak_tflops(device_name, cfg.engine.precision, cfg.logging.peak_tflops)
@@ -129,10 +131,11 @@ class Trainer:
         if tag is None:
             return
         where = str(self.ckpt_dir / tag)
-        state = checkpoint.load(self.engine, self.ckpt_dir, tag, self.world.rank)
+        state = checkpoint.read_run_state(self.ckpt_dir, tag)
         check_resumable(
             state, self.cfg, self.train_data.tokenizer.info.checksum, self.world.size, where
         )
+        checkpoint.load(self.engine, self.ckpt_dir, tag, self.world.rank)
         self.step, self.consumed = state["step"], state["consumed_samples"]
         self.last_saved = self.step
         self._print(f"resumed from {where} at step {self.step} ({self.consumed} samples)")
@@ -258,11 +261,18 @@ class Trainer:
         if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
             self.save()
 
+    def _write_comms(self) -> None:
+        """Bytes each kind of collective moved in this process's run (comms logger)."""
+        runtime.log_comm_summary()
+        if self.world.rank == 0:
+            record = {"steps": self.step - self.first_step, "bytes": runtime.comm_bytes()}
+            (self.out / "comms.json").write_text(json.dumps(record, indent=2) + "\n")
+
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()
         if self.engine is not None and self.cfg.engine.comms_logger:
-            runtime.log_comm_summary()
+            self._write_comms()
         engine, self.engine = self.engine, None
         runtime.teardown(engine)
 

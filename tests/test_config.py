@@ -184,6 +184,11 @@ BAD_CONFIGS = {
         ["--model.sharing.ratio=0.999"],
         "sharing.ratio (0.999) leaves no room for a rank-1 delta",
     ),
+    "lamb_under_zero": (
+        None,
+        ["--optim.name=lamb", "--engine.zero_stage=2"],
+        "optim.name=lamb needs engine.zero_stage=0 and engine.precision=fp32",
+    ),
     "invalid_yaml": ("model: [unclosed\n", [], "is not valid YAML"),
     "override_without_value": (None, ["--model.num_layers"], "has no value"),
     "section_as_value": ("model: 12\n", [], "model: expected a mapping of keys"),

@@ -10,6 +10,7 @@ different number of ranks, sees the same samples at the same positions.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,6 +123,13 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return default_collate(samples)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to their rank, which saves a checkpoint and then shuts
+    them down; SLURM and our launcher signal every process, workers included."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: PretrainDataset,
     consumed: int,
@@ -137,5 +145,6 @@ def make_loader(
         batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate,
+        worker_init_fn=_ignore_stop_signals,
         persistent_workers=num_workers > 0,
     )

@@ -2,7 +2,9 @@
 
 Layout under <output_dir>/checkpoints/:
 
-    step00000100/        DeepSpeed's files for that step, and rng_rank{r}.pt per rank
+    step00000100/        DeepSpeed's files for that step, run_state.json (step, consumed
+                         samples, resolved config: readable before anything is loaded),
+                         and rng_rank{r}.pt per rank
     latest               the tag of the newest *complete* checkpoint
 
 `latest` is replaced atomically, and only after every rank has finished writing, so a
@@ -11,6 +13,7 @@ crash in the middle of a save leaves the previous checkpoint as the one to resum
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -23,6 +26,7 @@ import torch
 from pretrain.engine.runtime import barrier
 
 LATEST = "latest"
+RUN_STATE = "run_state.json"
 _TAG = re.compile(r"^step(\d{8})$")
 
 
@@ -70,12 +74,14 @@ def _prune(directory: Path, keep_last: int) -> None:
 
 
 def save(
-    engine, directory: str | Path, step: int, client_state: dict, keep_last: int, rank: int
+    engine, directory: str | Path, step: int, run_state: dict, keep_last: int, rank: int
 ) -> str:
-    """Save on every rank; returns the tag."""
+    """Save on every rank; returns the tag. `run_state` must be JSON-serialisable."""
     directory, tag = Path(directory), tag_for(step)
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(directory), tag=tag, client_state=run_state, save_latest=False)
     torch.save(_rng_state(), directory / tag / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (directory / tag / RUN_STATE).write_text(json.dumps(run_state, indent=2) + "\n")
     barrier()  # every rank's files are on disk before `latest` moves
     if rank == 0:
         _write_atomically(directory / LATEST, tag)
@@ -84,13 +90,17 @@ def save(
     return tag
 
 
-def load(engine, directory: str | Path, tag: str, rank: int) -> dict:
-    """Load model, optimizer and scheduler state into `engine`; returns the client state."""
+def read_run_state(directory: str | Path, tag: str) -> dict:
+    """The run state saved with checkpoint `tag`, without loading any tensor."""
+    return json.loads((Path(directory) / tag / RUN_STATE).read_text())
+
+
+def load(engine, directory: str | Path, tag: str, rank: int) -> None:
+    """Load model, optimizer, scheduler and this rank's RNG state into `engine`."""
     directory = Path(directory)
-    _, client_state = engine.load_checkpoint(
+    engine.load_checkpoint(
         str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     rng = directory / tag / f"rng_rank{rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=True))
-    return client_state or {}

@@ -1,0 +1,292 @@
+"""Pretraining with real DeepSpeed: 2 CPU ranks over gloo, started as users start them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+STEPS = 8
+# Small and fast: a tiny all-shared ALBERT on the test corpus, constant LR so that a run
+# stopped early and resumed follows the same schedule as a straight one.
+BASE = [
+    "--model.vocab_size=150",
+    "--data.seq_length=48",
+    "--engine.micro_batch_size=4",
+    "--optim.lr=0.003",
+    "--optim.warmup_steps=0",
+    "--optim.decay=constant",
+    "--logging.every=1",
+    "--engine.zero3_persistence_threshold=0",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(free_port()),
+    }
+
+
+def launch_args(config: str, shards: Path, out: Path, *overrides: str) -> list[str]:
+    return [
+        "bash",
+        str(REPO / "launch" / "pretrain.sh"),
+        str(REPO / "configs" / config),
+        f"--data.path={shards}",
+        f"--train.output_dir={out}",
+        *BASE,
+        *overrides,
+    ]
+
+
+def train(shards: Path, out: Path, *overrides: str, config: str = "tiny-albert.yaml"):
+    """A 2-rank run through launch/pretrain.sh; returns the finished process."""
+    result = subprocess.run(
+        launch_args(config, shards, out, *overrides),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(out: Path, key: str = "loss") -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+@pytest.fixture(scope="module")
+def straight(shards_dir, tmp_path_factory):
+    """Uninterrupted 8-step runs for ZeRO stages 1, 2 and 3, shared by several tests."""
+    runs = {}
+    for stage in (1, 2, 3):
+        out = tmp_path_factory.mktemp(f"zero{stage}")
+        train(shards_dir, out, f"--engine.zero_stage={stage}", f"--train.max_steps={STEPS}")
+        runs[stage] = out
+    return runs
+
+
+def test_zero_stages_give_the_same_losses(straight):
+    by_stage = {stage: losses(out) for stage, out in straight.items()}
+    assert sorted(by_stage[1]) == list(range(1, STEPS + 1))
+    for stage in (2, 3):
+        for step, loss in by_stage[1].items():
+            assert abs(by_stage[stage][step] - loss) <= 1e-5, (stage, step)
+    assert by_stage[1][STEPS] < by_stage[1][1]  # it learns
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_exact_resume(straight, shards_dir, tmp_path, stage):
+    out = tmp_path / "run"
+    first = train(shards_dir, out, f"--engine.zero_stage={stage}", "--train.max_steps=4")
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
+    second = train(shards_dir, out, f"--engine.zero_stage={stage}", f"--train.max_steps={STEPS}")
+    assert "resumed from" in second.stderr and "at step 4" in second.stderr, first.stderr[-2000:]
+    assert losses(out) == losses(straight[stage])
+
+
+def test_run_artifacts(straight):
+    out = straight[2]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    needed = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mlm_loss", "mlm_acc", "sop_acc"}
+    assert needed <= set(rows[-1]), set(rows[-1])
+    assert rows[-1]["tokens_per_s"] > 0 and rows[-1]["grad_norm"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("loss", "lr", "grad_norm", "tokens_per_s", "mlm_loss", "mlm_acc", "sop_loss"):
+        assert f"train/{tag}" in tags, tags
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == f"step{STEPS:08d}"
+
+
+def test_checkpoints_keep_the_last_k(shards_dir, tmp_path):
+    out = tmp_path / "run"
+    train(
+        shards_dir, out, "--train.max_steps=6", "--checkpoint.every=1", "--checkpoint.keep_last=2"
+    )
+    tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert tags == ["step00000005", "step00000006"]
+
+
+def wait_for_step(out: Path, step: int, process, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and max(losses(out), default=0) >= step:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.5)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def test_sigterm_saves_and_the_next_start_resumes(shards_dir, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        launch_args("tiny-albert.yaml", shards_dir, out, "--train.max_steps=100000"),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for_step(out, 3, process)
+    process.send_signal(signal.SIGTERM)  # what SLURM sends on preemption
+    _, stderr = process.communicate(timeout=120)
+    assert "signal received: saving a checkpoint" in stderr
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    saved = int(tag.removeprefix("step"))
+    assert saved >= 3
+    resumed = train(shards_dir, out, f"--train.max_steps={saved + 2}")
+    assert f"at step {saved}" in resumed.stderr
+    assert max(losses(out)) == saved + 2
+
+
+def test_killed_rank_ends_the_job_and_the_last_checkpoint_loads(shards_dir, tmp_path):
+    import psutil
+
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        launch_args(
+            "tiny-albert.yaml", shards_dir, out, "--train.max_steps=100000", "--checkpoint.every=2"
+        ),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_for_step(out, 5, process)
+    ranks = [
+        p
+        for p in psutil.Process(process.pid).children(recursive=True)
+        if "--local_rank=1" in " ".join(p.cmdline()) and p.name() != "pt_data_worker"
+    ]
+    assert len(ranks) == 1
+    start = time.time()
+    ranks[0].kill()
+    code = process.wait(timeout=90)
+    assert code != 0
+    assert time.time() - start < 60
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    saved = int(tag.removeprefix("step"))
+    assert saved >= 4 and saved % 2 == 0
+    resumed = train(shards_dir, out, f"--train.max_steps={saved + 1}")
+    assert f"at step {saved}" in resumed.stderr
+
+
+def test_bf16_trains_on_cpu(shards_dir, tmp_path):
+    out = tmp_path / "run"
+    train(
+        shards_dir, out, "--engine.precision=bf16", "--engine.zero_stage=2", "--train.max_steps=15"
+    )
+    by_step = losses(out)
+    assert all(v == v and abs(v) < 1e4 for v in by_step.values())  # finite
+    first, last = sum(by_step[s] for s in (1, 2, 3)) / 3, sum(by_step[s] for s in (13, 14, 15)) / 3
+    assert last < first - 0.1, (first, last)
+
+
+def test_tiny_llama_trains_causal_lm_under_deepspeed_no_python(shards_dir, tmp_path):
+    out = tmp_path / "run"
+    overrides = [a for a in BASE if not a.startswith("--data.seq_length")]
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--no_python",
+        str(REPO / "launch" / "pretrain.sh"),
+        str(REPO / "configs" / "tiny-llama.yaml"),
+        f"--data.path={shards_dir}",
+        f"--train.output_dir={out}",
+        "--train.max_steps=12",
+        *overrides,
+    ]
+    result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_step = losses(out, "clm_loss")
+    assert len(by_step) == 12
+    first, last = sum(by_step[s] for s in (1, 2, 3)) / 3, sum(by_step[s] for s in (10, 11, 12)) / 3
+    assert last < first - 0.2, (first, last)
+
+
+def test_plain_python_single_process(shards_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        str(REPO / "pretrain" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "tiny-albert.yaml"),
+        f"--data.path={shards_dir}",
+        f"--train.output_dir={out}",
+        "--train.max_steps=3",
+        *BASE,
+    ]
+    clean = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run(command, env=clean, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses(out)) == [1, 2, 3]
+
+
+def test_gradient_traffic_scales_with_unique_parameters(shards_dir, tmp_path):
+    from pretrain.config import load_config
+    from pretrain.summary import account
+
+    moved, unique = {}, {}
+    for strategy in ("all", "none"):
+        out = tmp_path / strategy
+        overrides = [f"--model.sharing.strategy={strategy}", "--engine.comms_logger=true"]
+        train(shards_dir, out, "--engine.zero_stage=2", "--train.max_steps=4", *overrides)
+        record = json.loads((out / "comms.json").read_text())
+        reductions = {op: b for op, b in record["bytes"].items() if "reduce" in op}
+        assert reductions, record
+        moved[strategy] = sum(reductions.values()) / record["steps"]
+        cfg = load_config(REPO / "configs" / "tiny-albert.yaml", [*BASE, *overrides[:1]])
+        unique[strategy] = account(cfg).unique_params
+    ratio_bytes = moved["none"] / moved["all"]
+    ratio_params = unique["none"] / unique["all"]
+    assert ratio_params > 2
+    assert abs(ratio_bytes / ratio_params - 1) <= 0.05, (ratio_bytes, ratio_params)
+
+
+def test_resuming_into_another_model_fails_clearly(straight, shards_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight[2], out)
+    result = subprocess.run(
+        launch_args(
+            "tiny-albert.yaml", shards_dir, out, "--train.max_steps=10", "--model.hidden_size=128"
+        ),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert "cannot resume from" in result.stderr
+    assert "model.hidden_size is 64 there and 128 now" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -254,7 +254,8 @@ class Trainer:
 
     def _after_step(self, metrics: dict[str, float], samples: int, seconds: float) -> None:
         cfg = self.cfg
-        if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
+        first = self.step == self.first_step + 1  # the starting loss, for comparison
+        if first or self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
             self.logger.log(self.step, self._step_metrics(metrics, samples, seconds))
         if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
             self.logger.log(self.step, self.evaluate())

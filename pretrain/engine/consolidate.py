@@ -1,0 +1,123 @@
+"""fp32 weights from a DeepSpeed checkpoint of any ZeRO stage and rank count, loaded
+without unpickling arbitrary objects.
+
+DeepSpeed's own zero_to_fp32 does the consolidation; every `torch.load` it makes runs with
+`weights_only=True` and an allowlist of the three plain data classes DeepSpeed puts into
+its optimizer files, so a checkpoint folder cannot execute code when it is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import torch
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils import zero_to_fp32
+from deepspeed.utils.tensor_fragment import fragment_address
+
+from pretrain.config import ModelConfig, from_dict
+from pretrain.data.tokenizer import MODEL_FILE, Tokenizer
+from pretrain.engine.checkpoint import LATEST, RUN_STATE, latest_tag, read_run_state
+from pretrain.errors import UserError
+from pretrain.export.native import check_state
+from pretrain.model import SharedTransformer
+
+SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
+_torch_load = torch.load
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return _torch_load(*args, **kwargs)
+
+    with torch.serialization.safe_globals(SAFE_GLOBALS), mock.patch.object(torch, "load", load):
+        yield
+
+
+def fp32_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """The model's fp32 state dict from checkpoint `tag` in `checkpoint_dir`."""
+    try:
+        return _fp32_state_dict(Path(checkpoint_dir), tag)
+    except pickle.UnpicklingError as err:
+        reason = str(err).split("WeightsUnpickler error: ")[-1].split(".")[0]
+        raise UserError(
+            f"refusing to load {Path(checkpoint_dir) / tag}: it holds objects other than"
+            f" tensors and plain data ({reason})"
+        ) from None
+
+
+def _fp32_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
+    with weights_only_loads():
+        if not any((directory / tag).glob("*optim_states.pt")):  # ZeRO-0 keeps whole weights
+            states = torch.load(directory / tag / "mp_rank_00_model_states.pt", map_location="cpu")
+            return {k: v.float() for k, v in states["module"].items()}
+        state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+@dataclass
+class TrainedModel:
+    """What a training checkpoint holds for export."""
+
+    state: dict[str, torch.Tensor]
+    cfg: ModelConfig
+    tokenizer_dir: Path
+    where: str
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """The checkpoints/ folder of a run directory, or the folder itself."""
+    path = Path(path)
+    for candidate in (path / "checkpoints", path):
+        if (candidate / LATEST).is_file() or any(candidate.glob("step*/" + RUN_STATE)):
+            return candidate
+    raise UserError(
+        f"{path} is not a checkpoint folder: expected a run directory with checkpoints/ or"
+        " a checkpoints folder holding step*/ and latest"
+    )
+
+
+def _tokenizer_for(run_state: dict, override: str | Path | None, where: str) -> Path:
+    data = run_state["config"]["data"]
+    candidates = [override] if override else [data["tokenizer"], Path(data["path"]) / "tokenizer"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / MODEL_FILE).is_file():
+            found = Path(candidate)
+            if Tokenizer(found).info.checksum != run_state["tokenizer_checksum"]:
+                raise UserError(
+                    f"the tokenizer in {found} is not the one {where} was trained with"
+                    " (checksum differs); pass the original with --tokenizer DIR"
+                )
+            return found
+    raise UserError(
+        f"missing tokenizer for {where}: none at {', '.join(map(str, filter(None, candidates)))};"
+        " pass the training tokenizer with --tokenizer DIR"
+    )
+
+
+def read_checkpoint(
+    path: str | Path, tag: str | None = None, tokenizer: str | Path | None = None
+) -> TrainedModel:
+    """Consolidated fp32 weights, model config and tokenizer of a training checkpoint."""
+    folder = checkpoint_folder(path)
+    tag = tag or latest_tag(folder)
+    tags = sorted(p.parent.name for p in folder.glob("step*/" + RUN_STATE))
+    if tag is None or tag not in tags:
+        raise UserError(
+            f"checkpoint tag {tag!r} not found in {folder}; available: {', '.join(tags) or 'none'}"
+        )
+    where = str(folder / tag)
+    run_state = read_run_state(folder, tag)
+    cfg = from_dict(ModelConfig, run_state["config"]["model"], "model")
+    tokenizer_dir = _tokenizer_for(run_state, tokenizer, where)
+    state = fp32_state_dict(folder, tag)
+    check_state(state, SharedTransformer(cfg), where)
+    return TrainedModel(state, cfg, tokenizer_dir, where)

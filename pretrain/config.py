@@ -396,6 +396,9 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate on the held-out split every N steps; 0 disables it."""
     eval_steps: int = 10
+    init_from: str = ""
+    """A native export (e.g. an imported Hugging Face model) to start from instead of a
+    random initialisation; ignored when the run resumes from its own checkpoint."""
     on_nonfinite: Literal["skip", "stop"] = "skip"
     """A NaN/inf loss: skip that micro-batch's update and go on, or stop the run (the last
     checkpoint stays as it was)."""

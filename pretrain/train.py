@@ -30,6 +30,7 @@ from pretrain.config import Config, ConfigError, load_config, main_guard, to_dic
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine import checkpoint, runtime
 from pretrain.errors import UserError
+from pretrain.export import native
 from pretrain.metrics import MetricsLogger, memory_stats, peak_tflops, throughput
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, model_inputs
@@ -93,6 +94,8 @@ class Trainer:
         self.train_data = PretrainDataset(cfg, "train")
         self.eval_data = PretrainDataset(cfg, "valid") if cfg.train.eval_every else None
         model = SharedTransformer(cfg.model)
+        if cfg.train.init_from and checkpoint.latest_tag(self.ckpt_dir) is None:
+            self._init_from(model, cfg.train.init_from)
         model.encoder.checkpoint_layers = cfg.engine.activation_checkpointing
         self.engine = runtime.initialize(model, cfg, self.world)
         self.step, self.consumed, self.last_saved = 0, 0, -1
@@ -111,6 +114,17 @@ class Trainer:
         self._signal: int | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+
+    def _init_from(self, model: SharedTransformer, directory: str) -> None:
+        """Start from a native export's weights; its model config must be this run's."""
+        theirs = native.load_config(directory)
+        if theirs != self.cfg.model:
+            raise ConfigError(
+                f"train.init_from {directory} holds a different model config than this run's;"
+                " make model.* match its config.json"
+            )
+        model.load_state_dict(native.load_model(directory).state_dict())
+        self._print(f"initialised from {directory}")
 
     # -- state -------------------------------------------------------------------------
 

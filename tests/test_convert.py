@@ -287,3 +287,33 @@ def test_checkpoints_are_never_unpickled(checkpoints, tmp_path):
         run_convert("--checkpoint", moved, "--format", "native", "--output", tmp_path / "o")
     )
     assert "refusing to load" in line
+
+
+def test_init_from_seeds_continued_pretraining(checkpoints, shards_dir, tmp_path):
+    trained = read_checkpoint(checkpoints["all"])
+    save_native(trained.state, trained.cfg, trained.tokenizer_dir, tmp_path / "native")
+    out = tmp_path / "run"
+    seeded = [f"--train.init_from={tmp_path / 'native'}", "--engine.zero_stage=2"]
+    result = train(shards_dir, out, *seeded, "--train.max_steps=1", "--optim.lr=1e-12")
+    assert "initialised from" in result.stderr
+    after = read_checkpoint(out).state
+    for key, tensor in trained.state.items():
+        torch.testing.assert_close(after[key], tensor, rtol=0, atol=1e-6)
+    other = subprocess.run(
+        [
+            "bash",
+            str(REPO / "launch" / "pretrain.sh"),
+            str(REPO / "configs" / "tiny-albert.yaml"),
+            f"--data.path={shards_dir}",
+            f"--train.output_dir={tmp_path / 'other'}",
+            "--model.vocab_size=150",
+            "--data.seq_length=48",
+            "--model.hidden_size=128",
+            *seeded,
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert other.returncode != 0 and "holds a different model config" in other.stderr

@@ -57,6 +57,7 @@ def verify(ours: SharedTransformer, output: Path, fmt: str) -> float:
     else:
         import transformers
 
+        transformers.logging.set_verbosity_error()  # the MLM class ignores the SOP head
         auto = (
             transformers.AutoModelForCausalLM
             if ours.cfg.family == "llama"

@@ -24,6 +24,11 @@ from pretrain.summary import account
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo.yaml"
 DATA = REPO / "data"
+FILL_MASK = (
+    "To be, or not to be, that is the [MASK].",
+    "Good night, good night! Parting is such sweet [MASK].",
+    "Now is the winter of our [MASK].",
+)
 
 
 def step(message: str) -> None:
@@ -72,7 +77,26 @@ def main() -> int:
     losses = mlm_losses(run)
     (s0, first), (s1, last) = losses[0], losses[-1]
     step(f"MLM loss {first:.3f} at step {s0} -> {last:.3f} at step {s1}; run in {run}")
+    export_and_fill_mask(run)
     return 0
+
+
+def export_and_fill_mask(run: Path) -> None:
+    """Export to Hugging Face ALBERT and use it with nothing but `transformers`."""
+    hf_dir = run / "hf"
+    step(f"Hugging Face export -> {hf_dir}")
+    convert = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "--checkpoint"]
+    subprocess.run(
+        [*convert, str(run), "--format", "hf", "--output", str(hf_dir), "--verify"], check=True
+    )
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    step("fill-mask with transformers.pipeline on the export")
+    fill = transformers.pipeline("fill-mask", model=str(hf_dir), tokenizer=str(hf_dir))
+    for text in FILL_MASK:
+        guesses = ", ".join(f"{p['token_str']!r} {p['score']:.2f}" for p in fill(text, top_k=3))
+        print(f"{text}  ->  {guesses}")
 
 
 if __name__ == "__main__":

@@ -160,6 +160,9 @@ class ModelConfig:
     pad_token_id: int = 0
     sop_head: bool = True
     """albert only: a sentence-order prediction head on the first token."""
+    hidden_act: Literal["gelu_new", "gelu"] = "gelu_new"
+    """albert only: GELU of the FFN and MLM head, tanh approximation (ALBERT's gelu_new) or
+    exact (BERT's gelu, for imported BERT models)."""
     sharing: SharingConfig = field(default_factory=SharingConfig)
     universal: UniversalConfig = field(default_factory=UniversalConfig)
 
@@ -204,6 +207,10 @@ class ModelConfig:
             value = getattr(self, key)
             _check(0.0 <= value < 1.0, f"model.{key} ({value}) must be in [0, 1)")
         if self.family == "llama":
+            _check(
+                self.hidden_act == "gelu_new",
+                "model.hidden_act applies to the albert family; llama uses SwiGLU",
+            )
             _check(
                 self.type_vocab_size == 0,
                 f"model.type_vocab_size ({self.type_vocab_size}) must be 0 for the llama family,"

@@ -317,3 +317,35 @@ def test_init_from_seeds_continued_pretraining(checkpoints, shards_dir, tmp_path
         timeout=300,
     )
     assert other.returncode != 0 and "holds a different model config" in other.stderr
+
+
+@pytest.mark.parametrize("cls", ["BertForMaskedLM", "BertForPreTraining"])
+def test_bert_imports_as_unshared_albert_with_e_equal_h(tmp_path, cls):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=150,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        initializer_range=0.2,  # large enough that exact and tanh GELU differ
+    )
+    bert = getattr(transformers, cls)(config).eval()
+    bert.save_pretrained(tmp_path / "bert")
+    result = run_convert(
+        "--from-hf", tmp_path / "bert", "--format", "native", "--output", tmp_path / "ours"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    ours = load_model(tmp_path / "ours")
+    assert ours.cfg.hidden_act == "gelu" and ours.embeddings.project is None
+    ids, mask = batch()
+    types = torch.zeros_like(ids)
+    types[:, 12:] = 1
+    with torch.no_grad():
+        expected = bert(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        got = ours(ids, attention_mask=mask, token_type_ids=types)
+    logits = expected.logits if cls == "BertForMaskedLM" else expected.prediction_logits
+    assert (got.logits - logits)[mask.bool()].abs().max() <= TOL
+    if cls == "BertForPreTraining":
+        assert (got.sop_logits - expected.seq_relationship_logits).abs().max() <= TOL

@@ -21,7 +21,7 @@ import yaml
 
 from pretrain.config import ModelConfig, SharingConfig, from_dict, main_guard
 from pretrain.errors import UserError
-from pretrain.export import hf_albert, hf_llama
+from pretrain.export import hf_albert, hf_bert, hf_llama
 from pretrain.export.common import compress
 from pretrain.export.hf import export_notes, save_hf
 from pretrain.export.native import CONFIG, TOKENIZER, WEIGHTS, load_config, load_model, save_native
@@ -146,11 +146,15 @@ def import_hf(args) -> int:
         sop = "sop_classifier.classifier.weight" in state
         cfg = hf_albert.config_from_hf(hf_config, sop_head=sop)
         ours = hf_albert.from_hf(state, cfg)
+    elif kind == "bert":
+        sop = "cls.seq_relationship.weight" in state  # NSP head -> our pair classifier
+        cfg = hf_bert.config_from_hf(hf_config, sop_head=sop)
+        ours = hf_bert.from_hf(state, cfg)
     elif kind == "llama":
         cfg = hf_llama.config_from_hf(hf_config)
         ours = hf_llama.from_hf(state, cfg)
     else:
-        raise UserError(f"cannot import model_type {kind!r}; supported: albert, llama")
+        raise UserError(f"cannot import model_type {kind!r}; supported: albert, bert, llama")
     if args.share:
         ours, cfg = compress(ours, cfg, parse_share(args.share))
         print(f"compressed to {cfg.sharing.strategy} sharing: each set is the mean of its layers")

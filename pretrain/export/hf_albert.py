@@ -64,9 +64,9 @@ def config_from_hf(hf: Mapping[str, Any], sop_head: bool = False) -> ModelConfig
             f"ALBERT inner_group_num={hf['inner_group_num']} is not supported; only 1 layer per"
             " group maps onto a sharing plan"
         )
-    if hf.get("hidden_act", "gelu_new") != "gelu_new":
+    if hf.get("hidden_act", "gelu_new") not in ("gelu_new", "gelu"):
         raise ConversionError(
-            f"ALBERT hidden_act={hf['hidden_act']!r}: the albert family uses gelu_new"
+            f"ALBERT hidden_act={hf['hidden_act']!r}: the albert family has gelu_new or gelu"
         )
     L, G = hf["num_hidden_layers"], hf.get("num_hidden_groups", 1)
     if G == 1:
@@ -93,6 +93,7 @@ def config_from_hf(hf: Mapping[str, Any], sop_head: bool = False) -> ModelConfig
         initializer_range=hf.get("initializer_range", 0.02),
         pad_token_id=hf.get("pad_token_id") or 0,
         sop_head=sop_head,
+        hidden_act=hf.get("hidden_act", "gelu_new"),
         sharing=sharing,
     )
 
@@ -117,7 +118,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "inner_group_num": 1,
         "num_attention_heads": cfg.num_heads,
         "intermediate_size": cfg.intermediate_size,
-        "hidden_act": "gelu_new",
+        "hidden_act": cfg.hidden_act,
         "hidden_dropout_prob": cfg.dropout,
         "attention_probs_dropout_prob": cfg.attention_dropout,
         "max_position_embeddings": cfg.max_position_embeddings,

@@ -125,16 +125,21 @@ class SelfAttention(nn.Module):
         return project(self.o, "o", out_BnTd.transpose(1, 2).reshape(B, T, H), ctx)
 
 
+# model.hidden_act -> torch's GELU: HF `gelu_new` is the tanh approximation, `gelu` exact.
+GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu": "none"}
+
+
 class GeluMLP(nn.Module):
-    """albert FFN: up, GELU (tanh approximation, HF `gelu_new`), down; with biases."""
+    """albert FFN: up, GELU (tanh approximation by default), down; with biases."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.approximate = GELU_APPROXIMATION[cfg.hidden_act]
 
     def forward(self, x_BTH: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        up_BTF = F.gelu(project(self.up, "up", x_BTH, ctx), approximate="tanh")
+        up_BTF = F.gelu(project(self.up, "up", x_BTH, ctx), approximate=self.approximate)
         return project(self.down, "down", up_BTF, ctx)
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.config import ModelConfig
+from pretrain.model.blocks import GELU_APPROXIMATION
 from pretrain.model.embeddings import FactorizedEmbedding
 
 
@@ -19,9 +20,10 @@ class MLMHead(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.embedding_size)
         self.norm = nn.LayerNorm(cfg.embedding_size, eps=cfg.norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.approximate = GELU_APPROXIMATION[cfg.hidden_act]
 
     def forward(self, h_NH: torch.Tensor, embeddings: FactorizedEmbedding) -> torch.Tensor:
-        e_NE = self.norm(F.gelu(self.dense(h_NH), approximate="tanh"))
+        e_NE = self.norm(F.gelu(self.dense(h_NH), approximate=self.approximate))
         return F.linear(e_NE, embeddings.tokens.weight, self.bias)
 
     def forward_flops(self, embeddings: FactorizedEmbedding) -> int:

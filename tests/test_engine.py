@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
-from test_train import BASE, env
+from test_train import run_single
 
 from pretrain.config import EngineConfig, OptimConfig
 from pretrain.engine.ds_config import build_ds_config
@@ -41,21 +38,6 @@ def test_offload_options(engine, expected):
     assert {k for k in zero if k.startswith("offload")} == expected
     for key in expected:
         assert zero[key]["device"] == "cpu"
-
-
-def run_single(shards_dir, out, *overrides):
-    command = [
-        sys.executable,
-        str(REPO / "pretrain" / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny-albert.yaml"),
-        f"--data.path={shards_dir}",
-        f"--train.output_dir={out}",
-        *BASE,
-        *overrides,
-    ]
-    clean = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run(command, env=clean, capture_output=True, text=True, timeout=300)
 
 
 EXPLODE = ["--optim.lr=1e30", "--optim.grad_clip=0", "--train.max_steps=4", "--checkpoint.every=1"]

@@ -242,39 +242,39 @@ def test_tiny_llama_trains_causal_lm_under_deepspeed_no_python(shards_dir, tmp_p
     assert last < first - 0.2, (first, last)
 
 
-def test_plain_python_single_process(shards_dir, tmp_path):
-    out = tmp_path / "run"
-    command = [
-        sys.executable,
+def trainer_args(shards: Path, out: Path, *overrides: str) -> list[str]:
+    """pretrain/train.py and its arguments, for launchers other than our script."""
+    return [
         str(REPO / "pretrain" / "train.py"),
         "--config",
         str(REPO / "configs" / "tiny-albert.yaml"),
-        f"--data.path={shards_dir}",
+        f"--data.path={shards}",
         f"--train.output_dir={out}",
-        "--train.max_steps=3",
         *BASE,
+        *overrides,
     ]
+
+
+def run_single(shards: Path, out: Path, *overrides: str):
+    """One process started with plain `python` (no rank variables)."""
     clean = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    result = subprocess.run(command, env=clean, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, *trainer_args(shards, out, *overrides)]
+    return subprocess.run(command, env=clean, capture_output=True, text=True, timeout=300)
+
+
+def test_plain_python_single_process(shards_dir, tmp_path):
+    result = run_single(shards_dir, tmp_path / "run", "--train.max_steps=3")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(losses(out)) == [1, 2, 3]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
 
 
 def test_torchrun(shards_dir, tmp_path):
     out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
+        *torchrun,
         f"--master_port={free_port()}",
-        str(REPO / "pretrain" / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny-albert.yaml"),
-        f"--data.path={shards_dir}",
-        f"--train.output_dir={out}",
-        "--train.max_steps=3",
-        *BASE,
+        *trainer_args(shards_dir, out, "--train.max_steps=3"),
     ]
     result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -281,6 +281,38 @@ def test_torchrun(shards_dir, tmp_path):
     assert sorted(losses(out)) == [1, 2, 3]
 
 
+def test_two_nodes_on_one_machine_equal_one_node(straight, shards_dir, tmp_path):
+    """Two launcher processes, node ranks 0 and 1 on 127.0.0.1, one rank each: the same
+    world of 2 as a single-node 2-rank run, so the same losses."""
+    out, port = tmp_path / "run", free_port()
+    args = trainer_args(shards_dir, out, "--engine.zero_stage=2", f"--train.max_steps={STEPS}")
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={node}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                *args,
+            ],
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=600)
+        assert node.returncode == 0, stderr[-3000:]
+    for step, loss in losses(straight[2]).items():
+        assert abs(losses(out)[step] - loss) <= 1e-5, step
+
+
 def test_gradient_traffic_scales_with_unique_parameters(shards_dir, tmp_path):
     from pretrain.config import load_config
     from pretrain.summary import account

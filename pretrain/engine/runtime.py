@@ -35,7 +35,15 @@ def _free_port() -> int:
 def init_distributed() -> World:
     """Join the process group set up by the deepspeed launcher, torchrun or SLURM; a plain
     `python` start becomes a world of one."""
-    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        # One task per rank under srun: SLURM numbers them (MASTER_ADDR/PORT come from the
+        # batch script, launch/pretrain.sbatch).
+        os.environ.update(
+            RANK=os.environ["SLURM_PROCID"],
+            LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+            WORLD_SIZE=os.environ["SLURM_NTASKS"],
+        )
+    if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -1,0 +1,238 @@
+"""launch/pretrain.sbatch on a real single-node SLURM cluster started by the test.
+
+The cluster is private to the test: its own slurm.conf (SLURM_CONF), munge socket, ports
+and state under a temporary folder; Debian's slurm-wlm and munge are installed when
+missing; the daemons are stopped by pid at the end. Without root the daemons cannot run,
+and the tests are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_train import BASE
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="SLURM daemons (slurmctld, slurmd, munged) need root here"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _install() -> None:
+    if shutil.which("slurmctld") and shutil.which("munged"):
+        return
+    command = ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(command, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+        subprocess.run(command, env=env, capture_output=True, check=True)
+
+
+def _write_conf(root: Path) -> Path:
+    host = socket.gethostname().split(".")[0]
+    conf = root / "slurm.conf"
+    conf.write_text(
+        f"""ClusterName=pretrain-test
+SlurmctldHost={host}
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={root}/munge.socket
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+ReturnToService=2
+KillWait=30
+MpiDefault=none
+JobRequeue=1
+NodeName={host} CPUs={os.cpu_count()} State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+    )
+    return conf
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    _install()
+    root = tmp_path_factory.mktemp("slurm")
+    for sub in ("state", "spool"):
+        (root / sub).mkdir()
+    key = root / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    env = {**os.environ, "SLURM_CONF": str(_write_conf(root))}
+    munged = [
+        "munged",
+        "--force",
+        f"--key-file={key}",
+        f"--socket={root}/munge.socket",
+        f"--pid-file={root}/munged.pid",
+        f"--log-file={root}/munged.log",
+        f"--seed-file={root}/munged.seed",
+    ]
+    subprocess.run(munged, check=True)
+    subprocess.run(["slurmctld"], env=env, check=True)
+    subprocess.run(["slurmd"], env=env, check=True)
+    try:
+        deadline = time.time() + 60
+        while (
+            "idle"
+            not in subprocess.run(
+                ["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True
+            ).stdout
+        ):
+            assert time.time() < deadline, (root / "slurmd.log").read_text()[-2000:]
+            time.sleep(1)
+        yield env
+    finally:
+        for name in ("slurmd", "slurmctld", "munged"):
+            pid_file = root / f"{name}.pid"
+            if pid_file.exists():
+                _stop(int(pid_file.read_text().strip()))
+
+
+def _stop(pid: int) -> None:
+    """SIGTERM a daemon and wait for it to exit, so that nothing outlives the tests."""
+    try:
+        os.kill(pid, 15)
+        for _ in range(30):
+            os.kill(pid, 0)
+            time.sleep(0.5)
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+def submit(env, workdir: Path, shards: Path, out: Path, *overrides: str) -> str:
+    command = [
+        "sbatch",
+        "--parsable",
+        "--ntasks-per-node=2",
+        f"--chdir={workdir}",
+        f"--output={workdir}/slurm-%j.out",
+        str(REPO / "launch" / "pretrain.sbatch"),
+        str(REPO / "configs" / "tiny-albert.yaml"),
+        f"--data.path={shards}",
+        f"--train.output_dir={out}",
+        "--data.num_workers=0",
+        *BASE,
+        *overrides,
+    ]
+    env = {**env, "PYTHON": os.environ.get("PYTHON", str(Path(os.sys.executable)))}
+    return subprocess.run(
+        command, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def job_state(env, job: str) -> dict[str, str]:
+    text = subprocess.run(
+        ["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True
+    ).stdout
+    return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def finished(env, job: str) -> bool:
+    return job_state(env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+
+def losses(out: Path) -> dict[int, float]:
+    if not (out / "metrics.jsonl").exists():
+        return {}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, shards_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("slurm-job")
+    job = submit(cluster, work, shards_dir, work / "run", "--train.max_steps=60")
+    wait_for(lambda: finished(cluster, job), 300, f"job {job}")
+    return job, work
+
+
+def test_batch_job_trains_with_two_tasks(cluster, uninterrupted):
+    job, work = uninterrupted
+    state = job_state(cluster, job)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", state
+    assert sorted(losses(work / "run")) == list(range(1, 61))
+    assert (work / "run" / "checkpoints" / "latest").read_text().strip() == "step00000060"
+    logs = work / "slurm-logs" / job / "restart-0"
+    assert sorted(p.name for p in logs.iterdir()) == ["rank-0.log", "rank-1.log"]
+    assert "2 tasks on" in (work / f"slurm-{job}.out").read_text()
+
+
+def test_requeue_checkpoints_and_resumes_with_the_same_losses(
+    cluster, uninterrupted, shards_dir, tmp_path
+):
+    out = tmp_path / "run"
+    job = submit(cluster, tmp_path, shards_dir, out, "--train.max_steps=60")
+    wait_for(lambda: len(losses(out)) >= 3, 300, "step 3")
+    subprocess.run(["scontrol", "requeue", job], env=cluster, check=True)
+    wait_for(lambda: job_state(cluster, job).get("JobState") == "PENDING", 120, "the requeue")
+    # SLURM holds a requeued job for a while (BeginTime); release it now.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, check=True)
+    wait_for(lambda: finished(cluster, job), 300, f"job {job} after the requeue")
+    assert job_state(cluster, job)["JobState"] == "COMPLETED"
+    first = (tmp_path / "slurm-logs" / job / "restart-0" / "rank-0.log").read_text()
+    second = (tmp_path / "slurm-logs" / job / "restart-1" / "rank-0.log").read_text()
+    assert "signal received: saving a checkpoint" in first
+    assert "resumed from" in second
+    expected = losses(uninterrupted[1] / "run")
+    assert losses(out).keys() == expected.keys()
+    for step, loss in expected.items():
+        assert abs(losses(out)[step] - loss) <= 1e-6, step
+
+
+def test_dead_rank_ends_the_job(cluster, shards_dir, tmp_path):
+    import psutil
+
+    out = tmp_path / "run"
+    job = submit(
+        cluster, tmp_path, shards_dir, out, "--train.max_steps=100000", "--checkpoint.every=2"
+    )
+    wait_for(lambda: len(losses(out)) >= 5, 300, "step 5")
+    ranks = [
+        p
+        for p in psutil.process_iter(["cmdline", "environ"])
+        if any("pretrain/train.py" in part for part in (p.info["cmdline"] or []))
+        and (p.info["environ"] or {}).get("SLURM_PROCID") == "1"
+        and (p.info["environ"] or {}).get("SLURM_JOB_ID") == job
+    ]
+    assert ranks, "rank 1 not found"
+    start = time.time()
+    ranks[0].kill()
+    wait_for(lambda: finished(cluster, job), 90, "the job to end")
+    assert time.time() - start < 60
+    assert job_state(cluster, job)["JobState"] == "FAILED"
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert (out / "checkpoints" / tag / "run_state.json").is_file()

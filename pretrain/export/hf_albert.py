@@ -78,24 +78,31 @@ def config_from_hf(hf: Mapping[str, Any], sop_head: bool = False) -> ModelConfig
     else:
         raise ConversionError(f"ALBERT with {L} layers in {G} groups: L must divide into G")
     return ModelConfig(
-        family="albert",
-        vocab_size=hf["vocab_size"],
+        **albert_family_fields(hf),
         embedding_size=hf["embedding_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=L,
-        num_heads=hf["num_attention_heads"],
-        intermediate_size=hf["intermediate_size"],
-        max_position_embeddings=hf["max_position_embeddings"],
-        type_vocab_size=hf["type_vocab_size"],
-        norm_eps=hf["layer_norm_eps"],
-        dropout=hf.get("hidden_dropout_prob", 0.0),
-        attention_dropout=hf.get("attention_probs_dropout_prob", 0.0),
-        initializer_range=hf.get("initializer_range", 0.02),
-        pad_token_id=hf.get("pad_token_id") or 0,
         sop_head=sop_head,
         hidden_act=hf.get("hidden_act", "gelu_new"),
         sharing=sharing,
     )
+
+
+def albert_family_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields that ALBERT and BERT configs spell the same way."""
+    return {
+        "family": "albert",
+        "vocab_size": hf["vocab_size"],
+        "hidden_size": hf["hidden_size"],
+        "num_layers": hf["num_hidden_layers"],
+        "num_heads": hf["num_attention_heads"],
+        "intermediate_size": hf["intermediate_size"],
+        "max_position_embeddings": hf["max_position_embeddings"],
+        "type_vocab_size": hf["type_vocab_size"],
+        "norm_eps": hf["layer_norm_eps"],
+        "dropout": hf.get("hidden_dropout_prob", 0.0),
+        "attention_dropout": hf.get("attention_probs_dropout_prob", 0.0),
+        "initializer_range": hf.get("initializer_range", 0.02),
+        "pad_token_id": hf.get("pad_token_id") or 0,
+    }
 
 
 def _groups(cfg: ModelConfig) -> int:

@@ -15,6 +15,7 @@ import torch
 
 from pretrain.config import ModelConfig, SharingConfig
 from pretrain.export.common import ConversionError, State, layers_from_hf, rename
+from pretrain.export.hf_albert import albert_family_fields
 from pretrain.model.sharing import SharingPlan
 
 LAYER_MAP = {
@@ -46,20 +47,8 @@ def config_from_hf(hf: Mapping[str, Any], sop_head: bool = False) -> ModelConfig
     if hf.get("hidden_act", "gelu") not in ("gelu", "gelu_new"):
         raise ConversionError(f"BERT hidden_act={hf['hidden_act']!r} is not supported")
     return ModelConfig(
-        family="albert",
-        vocab_size=hf["vocab_size"],
-        embedding_size=hf["hidden_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        intermediate_size=hf["intermediate_size"],
-        max_position_embeddings=hf["max_position_embeddings"],
-        type_vocab_size=hf["type_vocab_size"],
-        norm_eps=hf["layer_norm_eps"],
-        dropout=hf.get("hidden_dropout_prob", 0.0),
-        attention_dropout=hf.get("attention_probs_dropout_prob", 0.0),
-        initializer_range=hf.get("initializer_range", 0.02),
-        pad_token_id=hf.get("pad_token_id") or 0,
+        **albert_family_fields(hf),
+        embedding_size=hf["hidden_size"],  # no factorization: E = H
         sop_head=sop_head,
         hidden_act=hf.get("hidden_act", "gelu"),
         sharing=SharingConfig(strategy="none"),

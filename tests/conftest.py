@@ -1,4 +1,6 @@
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +11,64 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
+def run_process(
+    command: list[str], *, env: dict | None = None, cwd: Path = REPO, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`subprocess.run` for commands that start process trees (launchers and their ranks).
+
+    The command gets its own session; on timeout the whole group is killed and the test
+    fails with the output so far. Plain `subprocess.run` kills only the direct child and then
+    waits forever on pipes its grandchildren still hold open.
+    """
+    process = subprocess.Popen(
+        command,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(process)
+        stdout, stderr = process.communicate()
+        raise AssertionError(
+            f"{' '.join(command[:3])} ... timed out after {timeout}s\n"
+            f"{stdout[-2000:]}\n{stderr[-3000:]}"
+        ) from None
+    finally:
+        kill_group(process)  # ranks a launcher left behind
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL every process of the session `process` leads, if any is left."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def spawn():
+    """Popen in a session of its own, the whole group killed at teardown whatever happened."""
+    started = []
+
+    def start(command: list[str], **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen(command, start_new_session=True, **kwargs)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        kill_group(process)
+        process.wait(timeout=30)
+
+
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run a command-line entry point of the project as a user would."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    return run_process([sys.executable, *args], env=env, cwd=cwd)
 
 
 @pytest.fixture

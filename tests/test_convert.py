@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 import transformers
-from conftest import REPO
+from conftest import REPO, run_process
 from test_train import env, train
 
 from pretrain.engine.consolidate import read_checkpoint
@@ -130,12 +129,9 @@ def test_llama_export_matches_and_generates(checkpoints, tmp_path):
 
 
 def run_convert(*args):
-    return subprocess.run(
+    return run_process(
         [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *map(str, args)],
         env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
 
 
@@ -299,7 +295,7 @@ def test_init_from_seeds_continued_pretraining(checkpoints, shards_dir, tmp_path
     after = read_checkpoint(out).state
     for key, tensor in trained.state.items():
         torch.testing.assert_close(after[key], tensor, rtol=0, atol=1e-6)
-    other = subprocess.run(
+    other = run_process(
         [
             "bash",
             str(REPO / "launch" / "pretrain.sh"),
@@ -312,9 +308,6 @@ def test_init_from_seeds_continued_pretraining(checkpoints, shards_dir, tmp_path
             *seeded,
         ],
         env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert other.returncode != 0 and "holds a different model config" in other.stderr
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, WORDS
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")  # Trainer needs it
+import transformers
+from conftest import WORDS, run_process
 
 SPECIAL_TOKENS = {
     "unk_token": "<unk>",
@@ -98,13 +95,8 @@ def write_jsonl(path: Path, data: list[dict]) -> Path:
 def finetune(model: Path, train: Path, evaluation: Path, output: Path, *extra: str):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     args = ["--model", str(model), "--train", str(train), "--eval", str(evaluation)]
-    return subprocess.run(
-        [sys.executable, "tools/finetune.py", *args, "--output", str(output), *extra],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return run_process(
+        [sys.executable, "tools/finetune.py", *args, "--output", str(output), *extra], env=env
     )
 
 

@@ -108,6 +108,9 @@ def cluster(tmp_path_factory):
             time.sleep(1)
         yield env
     finally:
+        # Jobs a failed test left behind would outlive slurmd in their slurmstepd.
+        subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True)
+        time.sleep(2)
         for name in ("slurmd", "slurmctld", "munged"):
             pid_file = root / f"{name}.pid"
             if pid_file.exists():

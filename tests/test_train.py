@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_process
 
 STEPS = 8
 # Small and fast: a tiny all-shared ALBERT on the test corpus, constant LR so that a run
@@ -58,13 +58,7 @@ def launch_args(config: str, shards: Path, out: Path, *overrides: str) -> list[s
 
 def train(shards: Path, out: Path, *overrides: str, config: str = "tiny-albert.yaml"):
     """A 2-rank run through launch/pretrain.sh; returns the finished process."""
-    result = subprocess.run(
-        launch_args(config, shards, out, *overrides),
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_process(launch_args(config, shards, out, *overrides), env=env(), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -150,15 +144,14 @@ def wait_for_step(out: Path, step: int, process, timeout: float = 180) -> None:
     raise AssertionError(f"no step {step} within {timeout}s")
 
 
-def test_sigterm_saves_and_the_next_start_resumes(shards_dir, tmp_path):
+def test_sigterm_saves_and_the_next_start_resumes(shards_dir, tmp_path, spawn):
     out = tmp_path / "run"
-    process = subprocess.Popen(
+    process = spawn(
         launch_args("tiny-albert.yaml", shards_dir, out, "--train.max_steps=100000"),
         env=env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,
     )
     wait_for_step(out, 3, process)
     process.send_signal(signal.SIGTERM)  # what SLURM sends on preemption
@@ -172,18 +165,17 @@ def test_sigterm_saves_and_the_next_start_resumes(shards_dir, tmp_path):
     assert max(losses(out)) == saved + 2
 
 
-def test_killed_rank_ends_the_job_and_the_last_checkpoint_loads(shards_dir, tmp_path):
+def test_killed_rank_ends_the_job_and_the_last_checkpoint_loads(shards_dir, tmp_path, spawn):
     import psutil
 
     out = tmp_path / "run"
-    process = subprocess.Popen(
+    process = spawn(
         launch_args(
             "tiny-albert.yaml", shards_dir, out, "--train.max_steps=100000", "--checkpoint.every=2"
         ),
         env=env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
     )
     wait_for_step(out, 5, process)
     ranks = [
@@ -234,7 +226,7 @@ def test_tiny_llama_trains_causal_lm_under_deepspeed_no_python(shards_dir, tmp_p
         "--train.max_steps=12",
         *overrides,
     ]
-    result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
+    result = run_process(command, env=env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     by_step = losses(out, "clm_loss")
     assert len(by_step) == 12
@@ -259,7 +251,24 @@ def run_single(shards: Path, out: Path, *overrides: str):
     """One process started with plain `python` (no rank variables)."""
     clean = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     command = [sys.executable, *trainer_args(shards, out, *overrides)]
-    return subprocess.run(command, env=clean, capture_output=True, text=True, timeout=300)
+    return run_process(command, env=clean)
+
+
+def test_a_stale_extension_lock_does_not_block_the_start(shards_dir, tmp_path):
+    """A rank killed while DeepSpeed compiled its CPU shared-memory op leaves the build's lock
+    file behind; any later start that builds the op waits on it forever. Ours never builds
+    it, so the run finishes."""
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    out = tmp_path / "run"
+    result = run_process(
+        launch_args("tiny-albert.yaml", shards_dir, out, "--train.max_steps=1"),
+        env={**env(), "TORCH_EXTENSIONS_DIR": str(extensions)},
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses(out)) == [1]
 
 
 def test_plain_python_single_process(shards_dir, tmp_path):
@@ -276,18 +285,18 @@ def test_torchrun(shards_dir, tmp_path):
         f"--master_port={free_port()}",
         *trainer_args(shards_dir, out, "--train.max_steps=3"),
     ]
-    result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
+    result = run_process(command, env=env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(losses(out)) == [1, 2, 3]
 
 
-def test_two_nodes_on_one_machine_equal_one_node(straight, shards_dir, tmp_path):
+def test_two_nodes_on_one_machine_equal_one_node(straight, shards_dir, tmp_path, spawn):
     """Two launcher processes, node ranks 0 and 1 on 127.0.0.1, one rank each: the same
     world of 2 as a single-node 2-rank run, so the same losses."""
     out, port = tmp_path / "run", free_port()
     args = trainer_args(shards_dir, out, "--engine.zero_stage=2", f"--train.max_steps={STEPS}")
     nodes = [
-        subprocess.Popen(
+        spawn(
             [
                 sys.executable,
                 "-m",
@@ -339,13 +348,11 @@ def test_resuming_into_another_model_fails_clearly(straight, shards_dir, tmp_pat
 
     out = tmp_path / "run"
     shutil.copytree(straight[2], out)
-    result = subprocess.run(
+    result = run_process(
         launch_args(
             "tiny-albert.yaml", shards_dir, out, "--train.max_steps=10", "--model.hidden_size=128"
         ),
         env=env(),
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert result.returncode != 0

@@ -32,6 +32,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory op at every start, under a lock file in
+    ~/.cache/torch_extensions. Training never calls it (only `inference_all_reduce` does), and a
+    rank killed while holding that lock leaves it behind, after which every later start waits
+    on it forever. Marking the op incompatible skips the build; gradients go through gloo."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed() -> World:
     """Join the process group set up by the deepspeed launcher, torchrun or SLURM; a plain
     `python` start becomes a world of one."""
@@ -47,6 +55,8 @@ def init_distributed() -> World:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.cuda.is_available():
+        _skip_shm_comm_build()
     deepspeed.init_distributed(verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

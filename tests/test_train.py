@@ -254,21 +254,25 @@ def run_single(shards: Path, out: Path, *overrides: str):
     return run_process(command, env=clean)
 
 
-def test_a_stale_extension_lock_does_not_block_the_start(shards_dir, tmp_path):
-    """A rank killed while DeepSpeed compiled its CPU shared-memory op leaves the build's lock
-    file behind; any later start that builds the op waits on it forever. Ours never builds
-    it, so the run finishes."""
+def test_cpu_start_builds_no_shared_memory_op(shards_dir, tmp_path):
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce op at every start, under a
+    lock file a killed rank leaves behind (later starts then wait forever), and each rank maps
+    a 66 MB /dev/shm buffer named after the port that nothing removes, so repeated runs fill
+    memory. Training never uses the op, and ours never builds it: a stale lock does not block
+    the start and no buffer appears."""
     extensions = tmp_path / "torch_extensions"
     (extensions / "deepspeed_shm_comm").mkdir(parents=True)
     (extensions / "deepspeed_shm_comm" / "lock").touch()
+    port = free_port()
     out = tmp_path / "run"
     result = run_process(
         launch_args("tiny-albert.yaml", shards_dir, out, "--train.max_steps=1"),
-        env={**env(), "TORCH_EXTENSIONS_DIR": str(extensions)},
+        env={**env(), "TORCH_EXTENSIONS_DIR": str(extensions), "MASTER_PORT": str(port)},
         timeout=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(losses(out)) == [1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_plain_python_single_process(shards_dir, tmp_path):

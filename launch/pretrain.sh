@@ -38,6 +38,9 @@ if [ -n "${RANK:-}" ] && [ -n "${WORLD_SIZE:-}" ]; then
   exec "$python" "$train" --config "$config" "${overrides[@]}"
 fi
 
+# One check before any rank starts: a bad config ends here in one line, not once per rank.
+"$python" -m pretrain config "$config" "${overrides[@]}" >/dev/null || exit $?
+
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)

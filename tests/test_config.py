@@ -219,3 +219,25 @@ def test_missing_config_file(cli, tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: config file '{tmp_path / 'nope.yaml'}' not found"
     ]
+
+
+TINY = str(REPO / "configs" / "tiny-albert.yaml")
+
+
+def test_config_command_prints_the_resolved_config(cli, tmp_path):
+    result = cli("-m", "pretrain", "config", TINY, "--model.num_layers=6")
+    assert result.returncode == 0, result.stderr
+    printed = tmp_path / "resolved.yaml"
+    printed.write_text(result.stdout)
+    expected = load_config(TINY, ["--model.num_layers=6"])
+    assert load_config(printed) == expected
+    assert expected.model.num_layers == 6
+
+
+def test_config_command_rejects_a_bad_config_in_one_line(cli):
+    result = cli("-m", "pretrain", "config", TINY, "--engine.zero_stage=5")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: engine.zero_stage: 5 is not one of 0 | 1 | 2 | 3"
+    ]
+    assert result.stdout == ""

@@ -239,3 +239,14 @@ def test_dead_rank_ends_the_job(cluster, shards_dir, tmp_path):
     assert job_state(cluster, job)["JobState"] == "FAILED"
     tag = (out / "checkpoints" / "latest").read_text().strip()
     assert (out / "checkpoints" / tag / "run_state.json").is_file()
+
+
+def test_a_bad_config_fails_the_job_with_one_line_in_its_output(cluster, shards_dir, tmp_path):
+    job = submit(cluster, tmp_path, shards_dir, tmp_path / "run", "--engine.zero_stage=5")
+    wait_for(lambda: finished(cluster, job), 120, f"job {job}")
+    state = job_state(cluster, job)
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", state
+    output = (tmp_path / f"slurm-{job}.out").read_text()
+    assert "error: engine.zero_stage: 5 is not one of 0 | 1 | 2 | 3" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "slurm-logs" / job).exists()  # no task was started

@@ -254,6 +254,18 @@ def run_single(shards: Path, out: Path, *overrides: str):
     return run_process(command, env=clean)
 
 
+def test_a_bad_config_stops_the_launcher_before_any_rank_starts(shards_dir, tmp_path):
+    result = run_process(
+        launch_args("tiny-albert.yaml", shards_dir, tmp_path / "run", "--engine.zero_stage=5"),
+        env=env(),
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: engine.zero_stage: 5 is not one of 0 | 1 | 2 | 3"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
 def test_cpu_start_builds_no_shared_memory_op(shards_dir, tmp_path):
     """DeepSpeed's CPU backend compiles a shared-memory all-reduce op at every start, under a
     lock file a killed rank leaves behind (later starts then wait forever), and each rank maps

@@ -175,8 +175,8 @@ class Trainer:
     # -- steps -------------------------------------------------------------------------
 
     def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
-        """Forward, backward and (at accumulation boundaries) the update of one
-        micro-batch; None when its loss was not finite and the update was skipped."""
+        """Forward and backward of one micro-batch, gradients accumulated; None when its
+        loss was not finite on some rank, and then no rank backpropagates it."""
         batch = {k: v.to(self.world.device) for k, v in batch.items()}
         loss, metrics = compute_loss(self.engine(**model_inputs(batch)), batch, self.cfg)
         if runtime.any_rank(not bool(torch.isfinite(loss)), self.world.device):
@@ -185,15 +185,14 @@ class Trainer:
                     f"non-finite loss at step {self.step + 1}; stopped with the last"
                     f" checkpoint intact (train.on_nonfinite=skip skips such updates)"
                 )
-            self._print(f"step {self.step + 1}: non-finite loss, update skipped")
+            self._print(f"step {self.step + 1}: non-finite loss, micro-batch skipped")
             return None
         self.engine.backward(loss)
-        self.engine.step()
         return {k: float(v) for k, v in metrics.items()}
 
     def train_step(self, loader: Iterator) -> dict[str, float]:
-        """One optimizer step over grad_accum_steps micro-batches; metrics averaged over
-        micro-batches and ranks."""
+        """One optimizer step over grad_accum_steps micro-batches (none when every one was
+        skipped); metrics averaged over micro-batches and ranks."""
         sums: dict[str, float] = {}
         done = 0
         for _ in range(self.cfg.engine.grad_accum_steps):
@@ -202,6 +201,8 @@ class Trainer:
                 done += 1
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
+        if done:
+            self.engine.step()  # the accumulation boundary: reduce, clip, update
         means = {k: v / max(done, 1) for k, v in sums.items()}
         means["skipped_micro_batches"] = self.cfg.engine.grad_accum_steps - done
         return runtime.mean_across_ranks(means, self.world.device)

@@ -21,7 +21,13 @@ def test_ds_config_states_what_the_run_relies_on():
     assert ds["gradient_clipping"] == 0.0
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (4, 3)
     assert ds["train_batch_size"] == 24
-    assert ds["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 100000}
+    assert ds["zero_optimization"] == {
+        "stage": 3,
+        "overlap_comm": True,
+        "stage3_param_persistence_threshold": 100000,
+    }
+    # The trainer calls step() once per optimizer step, whatever micro-batches it skipped.
+    assert ds["managed_gradient_accumulation"] is False
     assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
 
 
@@ -47,7 +53,7 @@ def test_nonfinite_loss_is_skipped_and_reported(shards_dir, tmp_path):
     out = tmp_path / "run"
     result = run_single(shards_dir, out, *EXPLODE, "--train.on_nonfinite=skip")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "non-finite loss, update skipped" in result.stderr
+    assert "non-finite loss, micro-batch skipped" in result.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["skipped_micro_batches"] == 0
     assert any(r["skipped_micro_batches"] > 0 for r in rows[1:])

@@ -107,6 +107,56 @@ def test_exact_resume(straight, shards_dir, tmp_path, stage):
     assert losses(out) == losses(straight[stage])
 
 
+ACCUMULATE = [
+    "--engine.micro_batch_size=2",
+    "--engine.grad_accum_steps=2",
+    "--optim.warmup_steps=3",  # the lr rises over the first 3 steps
+    "--optim.decay=constant",  # so that a run stopped at step 3 follows the same schedule
+    "--train.max_steps=6",
+]
+
+
+@pytest.fixture(scope="module")
+def accumulated(shards_dir, tmp_path_factory):
+    """6-step runs with 2 micro-batches per optimizer step, for ZeRO stages 1, 2 and 3."""
+    runs = {}
+    for stage in (1, 2, 3):
+        out = tmp_path_factory.mktemp(f"accumulate{stage}")
+        train(shards_dir, out, f"--engine.zero_stage={stage}", *ACCUMULATE)
+        runs[stage] = out
+    return runs
+
+
+def test_gradient_accumulation_agrees_across_zero_stages(accumulated):
+    by_stage = {stage: losses(out) for stage, out in accumulated.items()}
+    assert sorted(by_stage[1]) == list(range(1, 7))
+    for stage in (2, 3):
+        for step, loss in by_stage[1].items():
+            assert abs(by_stage[stage][step] - loss) <= 1e-5, (stage, step)
+
+
+def test_gradient_accumulation_steps_the_schedule_once_per_step(accumulated, shards_dir, tmp_path):
+    """The lr follows the trainer's step count: a run that takes each step from one micro-batch
+    (2x larger) logs the same lr at every step, so DeepSpeed updated once per 2 micro-batches."""
+    out = tmp_path / "run"
+    one = [a for a in ACCUMULATE if "micro_batch_size" not in a and "grad_accum" not in a]
+    train(shards_dir, out, "--engine.zero_stage=2", "--engine.micro_batch_size=4", *one)
+    expected = losses(out, "lr")
+    # logged after each update: the lr of the next one, 2/3 of the peak after step 1
+    assert expected[1] < expected[2] == expected[6]
+    for stage, run in accumulated.items():
+        assert losses(run, "lr") == pytest.approx(expected, rel=1e-12), stage
+
+
+def test_gradient_accumulation_resumes_exactly(accumulated, shards_dir, tmp_path):
+    out = tmp_path / "run"
+    overrides = ["--engine.zero_stage=2", *ACCUMULATE]
+    train(shards_dir, out, *overrides, "--train.max_steps=3")
+    second = train(shards_dir, out, *overrides)
+    assert "at step 3" in second.stderr
+    assert losses(out) == losses(accumulated[2])
+
+
 def test_run_artifacts(straight):
     out = straight[2]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -14,7 +14,9 @@ NEVER = 1 << 30  # DeepSpeed's own periodic console prints are replaced by our l
 
 
 def zero_config(engine: EngineConfig) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": engine.zero_stage}
+    # overlap_comm as DeepSpeed would choose it, stated: ZeRO-1 must not overlap when the
+    # trainer owns the accumulation boundary.
+    zero: dict[str, Any] = {"stage": engine.zero_stage, "overlap_comm": engine.zero_stage == 3}
     if engine.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = engine.zero3_persistence_threshold
     if engine.offload_optimizer:
@@ -44,6 +46,10 @@ def build_ds_config(engine: EngineConfig, optim: OptimConfig, world_size: int) -
         "train_micro_batch_size_per_gpu": engine.micro_batch_size,
         "gradient_accumulation_steps": engine.grad_accum_steps,
         "train_batch_size": engine.micro_batch_size * engine.grad_accum_steps * world_size,
+        # The trainer owns the accumulation boundary: backward() per micro-batch, step() once
+        # per optimizer step. A micro-batch skipped for a non-finite loss then cannot shift
+        # DeepSpeed's own micro-step count out of line with ours.
+        "managed_gradient_accumulation": False,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero_config(engine),
         **precision_config(engine.precision),

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from conftest import REPO, run_process
-from test_train import env, train
+from test_train import env, launch_args, train
 
 from pretrain.engine.consolidate import read_checkpoint
 from pretrain.export.hf import save_hf
@@ -296,17 +296,9 @@ def test_init_from_seeds_continued_pretraining(checkpoints, shards_dir, tmp_path
     for key, tensor in trained.state.items():
         torch.testing.assert_close(after[key], tensor, rtol=0, atol=1e-6)
     other = run_process(
-        [
-            "bash",
-            str(REPO / "launch" / "pretrain.sh"),
-            str(REPO / "configs" / "tiny-albert.yaml"),
-            f"--data.path={shards_dir}",
-            f"--train.output_dir={tmp_path / 'other'}",
-            "--model.vocab_size=150",
-            "--data.seq_length=48",
-            "--model.hidden_size=128",
-            *seeded,
-        ],
+        launch_args(
+            "tiny-albert.yaml", shards_dir, tmp_path / "other", "--model.hidden_size=128", *seeded
+        ),
         env=env(),
     )
     assert other.returncode != 0 and "holds a different model config" in other.stderr

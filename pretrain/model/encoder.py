@@ -84,9 +84,12 @@ class AdaptiveComputationTime(nn.Module):
         self.threshold = cfg.universal.halting_threshold
         self.halt = nn.Linear(cfg.hidden_size, 1)
         self.bias_init = cfg.universal.halting_bias_init
-        self.register_buffer(
-            "signal", timestep_signal(cfg.num_layers, cfg.hidden_size), persistent=False
-        )
+        # The signal enters at the scale the weights are initialised at. At its natural
+        # scale (entries up to 1) it drowns the token state it is added to (entries about
+        # initializer_range * sqrt(E), far less for llama's linear embedding), every position
+        # then looks alike to the shared block, and a copy task does not train at all.
+        signal = timestep_signal(cfg.num_layers, cfg.hidden_size) * cfg.initializer_range
+        self.register_buffer("signal", signal, persistent=False)
 
     def forward(
         self,

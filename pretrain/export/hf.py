@@ -99,16 +99,20 @@ def export_notes(cfg: ModelConfig) -> list[str]:
     return [f"ALBERT num_hidden_groups={groups}: shared parameters stay shared"]
 
 
+def hf_model(state: dict[str, torch.Tensor], cfg: ModelConfig):
+    """The Hugging Face model of `cfg`'s family holding `state` (ours, converted)."""
+    return _albert_model(state, cfg) if cfg.family == "albert" else _llama_model(state, cfg)
+
+
 def save_hf(
     state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer_dir: str | Path, output: str | Path
 ):
     """Write an HF model folder (weights, config, tokenizer); returns the HF model."""
     tokenizer_dir, output = Path(tokenizer_dir), Path(output)
+    model = hf_model(state, cfg)
     if cfg.family == "albert":
-        model = _albert_model(state, cfg)
         tokenizer = _albert_tokenizer(tokenizer_dir, cfg.max_position_embeddings)
     else:
-        model = _llama_model(state, cfg)
         tokenizer = _causal_tokenizer(tokenizer_dir, cfg.max_position_embeddings)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)

@@ -12,18 +12,16 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pretrain.config import load_config, main_guard
-from pretrain.data.corpus import copy_default_corpus
-from pretrain.data.preprocess import METADATA, preprocess
-from pretrain.data.sources import ReadReport, iter_documents
-from pretrain.data.tokenizer import INFO_FILE, train_tokenizer
+from pretrain.data.baseline import held_out_baseline
+from pretrain.data.corpus import prepare_default_data
 from pretrain.summary import account
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo.yaml"
-DATA = REPO / "data"
 FILL_MASK = (
     "To be, or not to be, that is the [MASK].",
     "Good night, good night! Parting is such sweet [MASK].",
@@ -35,33 +33,40 @@ def step(message: str) -> None:
     print(f"\n== {message}", flush=True)
 
 
-def prepare_data(shards: Path, vocab_size: int) -> None:
-    corpus, tokenizer = DATA / "shakespeare", DATA / "shakespeare-tokenizer"
-    step(f"corpus -> {corpus}")
-    texts, _ = copy_default_corpus(corpus)
-    print(f"{texts} plays and poems")
-    step(f"tokenizer -> {tokenizer}")
-    if not (tokenizer / INFO_FILE).exists():
-        docs = iter_documents([corpus], "text", ReadReport())
-        train_tokenizer(docs, tokenizer, vocab_size=vocab_size)
-    print((tokenizer / INFO_FILE).read_text().strip())
-    step(f"token shards -> {shards}")
-    if not (shards / METADATA).exists():
-        preprocess([str(corpus)], tokenizer, shards, held_out=4, num_proc=2)
-    meta = json.loads((shards / METADATA).read_text())
-    for name, split in meta["splits"].items():
-        print(f"{name}: {split['documents']} documents, {split['tokens']:,} tokens")
+def metric_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def mlm_losses(run: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["mlm_loss"]) for r in rows if "mlm_loss" in r]
+def summarize(cfg, run: Path, seconds: float) -> None:
+    """Training loss, then held-out MLM loss and accuracy against the unigram baseline."""
+    rows = metric_rows(run)
+    losses = [(r["step"], r["mlm_loss"]) for r in rows if "mlm_loss" in r]
+    (s0, first), (s1, last) = losses[0], losses[-1]
+    step(f"trained {s1} steps in {seconds / 60:.1f} min; run in {run}")
+    print(f"train MLM loss {first:.3f} at step {s0} -> {last:.3f} at step {s1}")
+    evals = [r for r in rows if "eval_mlm_acc" in r]
+    if not evals:
+        return
+    checkpoints = run / "checkpoints"
+    tag = (checkpoints / "latest").read_text().strip()
+    world = json.loads((checkpoints / tag / "run_state.json").read_text())["world_size"]
+    e = cfg.engine
+    base = held_out_baseline(cfg, cfg.train.eval_steps * e.micro_batch_size * world)
+    final = evals[-1]
+    print(
+        f"held-out MLM at step {final['step']}: loss {final['eval_mlm_loss']:.3f}"
+        f" (unigram baseline {base.loss:.3f}), accuracy {final['eval_mlm_acc']:.3f}"
+        f" (most frequent token {base.accuracy:.3f}:"
+        f" {final['eval_mlm_acc'] / base.accuracy:.1f}x)"
+    )
 
 
 def main() -> int:
     cfg = load_config(CONFIG)
     shards, run = REPO / cfg.data.path, REPO / cfg.train.output_dir
-    prepare_data(shards, cfg.model.vocab_size)
+    cfg.data.path = str(shards)
+    step(f"default corpus, tokenizer and token shards -> {shards}")
+    prepare_default_data(shards, cfg.model.vocab_size)
     acc = account(cfg)
     step(
         f"pretraining {CONFIG.relative_to(REPO)}: {acc.unique_params:,} unique parameters,"
@@ -71,12 +76,11 @@ def main() -> int:
         print(f"removing the previous demo run {run}")
         shutil.rmtree(run)
     env = {**os.environ, "PYTHON": sys.executable}
+    start = time.perf_counter()
     subprocess.run(
         ["bash", str(REPO / "launch" / "pretrain.sh"), str(CONFIG)], env=env, check=True, cwd=REPO
     )
-    losses = mlm_losses(run)
-    (s0, first), (s1, last) = losses[0], losses[-1]
-    step(f"MLM loss {first:.3f} at step {s0} -> {last:.3f} at step {s1}; run in {run}")
+    summarize(cfg, run, time.perf_counter() - start)
     export_and_fill_mask(run)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -47,3 +48,31 @@ def copy_default_corpus(output: str | Path) -> tuple[int, int]:
         shutil.copyfile(path, target)
         copied += 1
     return len(texts), copied
+
+
+def prepare_default_data(shards: str | Path, vocab_size: int) -> None:
+    """The default corpus made ready to train on: texts in `shards.parent / "shakespeare"`,
+    a SentencePiece tokenizer of `vocab_size` beside them, token shards (4 held-out texts)
+    in `shards`. Each step is skipped when its output is already there; a tokenizer of
+    another vocabulary size is trained anew, and the shards made with it are rebuilt."""
+    from pretrain.data.preprocess import METADATA, preprocess
+    from pretrain.data.sources import ReadReport, iter_documents
+    from pretrain.data.tokenizer import INFO_FILE, train_tokenizer
+
+    shards = Path(shards)
+    corpus, tokenizer = shards.parent / "shakespeare", shards.parent / "shakespeare-tokenizer"
+    texts, _ = copy_default_corpus(corpus)
+    print(f"corpus: {texts} plays and poems in {corpus}", flush=True)
+    info = tokenizer / INFO_FILE
+    if info.exists() and json.loads(info.read_text())["vocab_size"] != vocab_size:
+        print(f"tokenizer {tokenizer} has another vocabulary size: training it anew", flush=True)
+        shutil.rmtree(tokenizer)
+        shutil.rmtree(shards, ignore_errors=True)
+    if not info.exists():
+        train_tokenizer(iter_documents([corpus], "text", ReadReport()), tokenizer, vocab_size)
+    print(f"tokenizer: SentencePiece, {vocab_size} pieces, in {tokenizer}", flush=True)
+    if not (shards / METADATA).exists():
+        preprocess([str(corpus)], tokenizer, shards, held_out=4, num_proc=2)
+    meta = json.loads((shards / METADATA).read_text())
+    for name, split in meta["splits"].items():
+        print(f"{name}: {split['documents']} documents, {split['tokens']:,} tokens", flush=True)

@@ -42,7 +42,7 @@ class SharingConfig:
     """Cross-layer parameter sharing: which logical layers use which parameter set."""
 
     strategy: str = "none"
-    """none | all | sequence | cycle | cycle_rev (see DESIGN.md for the exact mappings)."""
+    """none | all | sequence | cycle | cycle_rev (exact mappings: the README's sharing table)."""
     num_sets: int | None = None
     """M, the number of shared parameter sets (sequence, cycle, cycle_rev); 1 for all."""
     scope: Literal["block", "attention", "ffn"] = "block"

@@ -83,7 +83,7 @@ class Trainer:
         try:
             self._build()
         except BaseException:
-            self.close()  # leave no process group behind (exit crash, DEEPSPEED_FACTS.md)
+            self.close()  # leave no process group behind (gloo exit crash, see runtime.teardown)
             raise
 
     def _build(self) -> None:

@@ -8,7 +8,7 @@ from helpers import random_ids, tiny_config, tiny_model
 
 from pretrain.model import STRATEGIES, SharingPlan
 
-# Tables written out by hand from DESIGN.md's definitions.
+# Tables written out by hand from the strategy definitions in the README.
 TABLES = [
     ("none", 6, None, [0, 1, 2, 3, 4, 5]),
     ("all", 6, None, [0, 0, 0, 0, 0, 0]),

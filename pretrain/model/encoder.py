@@ -40,7 +40,8 @@ class SharedEncoder(nn.Module):
         self.deltas = build_deltas(cfg, self.plan, self.attention, self.ffn)
         self.act = AdaptiveComputationTime(cfg) if cfg.universal.enabled else None
         # Set by the engine: recompute each layer in backward (non-reentrant, which is safe
-        # with shared weights under ZeRO-2/3; see DEEPSPEED_FACTS.md).
+        # with shared weights under ZeRO-2/3, where reentrant checkpointing breaks gradient
+        # reduction).
         self.checkpoint_layers = False
 
     def layer(self, i: int, h_BTH: torch.Tensor, ctx: LayerContext) -> torch.Tensor:

@@ -27,11 +27,9 @@ def test_held_out_baseline_uses_the_trainers_eval_targets(shards_dir):
     valid = PretrainDataset(cfg, "valid")
     labels = np.concatenate([valid[p]["mlm_labels"] for p in range(16)])
     assert base.targets == int((labels != IGNORE_INDEX).sum()) > 0
-    counts = token_counts(PretrainDataset(cfg, "train").shards, 150)
-    assert counts.sum() == sum(
-        len(PretrainDataset(cfg, "train").shards.document_tokens(d))
-        for d in range(PretrainDataset(cfg, "train").shards.num_documents)
-    )
+    shards = PretrainDataset(cfg, "train").shards
+    counts = token_counts(shards, 150)
+    assert counts.sum() == sum(len(shards.document_tokens(d)) for d in range(shards.num_documents))
     # Frequencies beat a uniform guess over the vocabulary on real text.
     assert 0.0 < base.loss < math.log(150)
     assert 0.0 < base.accuracy < 1.0

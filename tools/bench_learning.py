@@ -29,17 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pretrain.config import Config, ConfigError, load_config, main_guard
 from pretrain.data.baseline import held_out_baseline
 from pretrain.data.corpus import prepare_default_data
 from pretrain.data.loader import PretrainDataset, make_loader
-from pretrain.data.masking import IGNORE_INDEX
 from pretrain.engine.optim import build_optimizer, build_scheduler
 from pretrain.export.hf import hf_model
 from pretrain.model import ModelOutput, SharedTransformer
-from pretrain.objectives import compute_loss, model_inputs
+from pretrain.objectives import compute_loss, mlm_loss, model_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -102,14 +100,15 @@ class Learner:
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """Held-out MLM loss and accuracy over every target of `batches`."""
         self.model.eval()
-        loss_sum, correct, n = 0.0, 0, 0
+        loss_sum, correct, n = 0.0, 0.0, 0
         for batch in batches:
             with self.autocast():
-                logits_NV = self.model(**model_inputs(batch)).logits.float()
-            targets_N = batch["mlm_labels"][batch["mlm_labels"] != IGNORE_INDEX]
-            loss_sum += float(F.cross_entropy(logits_NV, targets_N, reduction="sum"))
-            correct += int((logits_NV.argmax(-1) == targets_N).sum())
-            n += targets_N.numel()
+                logits_NV = self.model(**model_inputs(batch)).logits
+            loss, metrics = mlm_loss(logits_NV, batch["mlm_labels"])
+            targets = int(metrics["mlm_tokens"])  # per-batch means, weighted back to sums
+            loss_sum += float(loss) * targets
+            correct += float(metrics["mlm_acc"]) * targets
+            n += targets
         self.model.train()
         return loss_sum / n, correct / n
 

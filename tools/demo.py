@@ -18,6 +18,7 @@ from pathlib import Path
 from pretrain.config import load_config, main_guard
 from pretrain.data.baseline import held_out_baseline
 from pretrain.data.corpus import prepare_default_data
+from pretrain.engine.checkpoint import latest_tag, read_run_state
 from pretrain.summary import account
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +49,7 @@ def summarize(cfg, run: Path, seconds: float) -> None:
     if not evals:
         return
     checkpoints = run / "checkpoints"
-    tag = (checkpoints / "latest").read_text().strip()
-    world = json.loads((checkpoints / tag / "run_state.json").read_text())["world_size"]
+    world = read_run_state(checkpoints, latest_tag(checkpoints))["world_size"]
     e = cfg.engine
     base = held_out_baseline(cfg, cfg.train.eval_steps * e.micro_batch_size * world)
     final = evals[-1]

@@ -54,7 +54,8 @@ def held_out_baseline(cfg: Config, num_samples: int) -> UnigramBaseline:
     same way, scored with the token counts of the training split."""
     from pretrain.data.loader import PretrainDataset
 
-    train, valid = PretrainDataset(cfg, "train"), PretrainDataset(cfg, "valid")
+    valid = PretrainDataset(cfg, "valid")
     labels = [valid[p]["mlm_labels"] for p in range(num_samples)]
     targets = np.concatenate([row[row != IGNORE_INDEX] for row in labels])
-    return unigram_baseline(token_counts(train.shards, cfg.model.vocab_size), targets)
+    train = TokenShards(cfg.data.path, "train", valid.tokenizer.info.checksum)
+    return unigram_baseline(token_counts(train, cfg.model.vocab_size), targets)

@@ -23,10 +23,14 @@ from pretrain.summary import account
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo.yaml"
+# The masked word is followed by a word, as in training. HF's ALBERT tokenizer turns
+# "[MASK]." into [MASK] "▁" "." (the text after a special token starts a new word), a lone
+# "▁" piece the model never saw in that place, and its guesses then are word endings.
 FILL_MASK = (
-    "To be, or not to be, that is the [MASK].",
-    "Good night, good night! Parting is such sweet [MASK].",
-    "Now is the winter of our [MASK].",
+    "O Romeo, Romeo! wherefore art [MASK] Romeo?",
+    "My lord, I [MASK] you.",
+    "If music be the food of [MASK] play on",
+    "Now is the [MASK] of our discontent",
 )
 
 

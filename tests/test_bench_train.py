@@ -1,0 +1,56 @@
+"""tools/bench_train.py compares like with like: both models start from the same weights and
+score the same batch with the same loss, and every figure it prints is there."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def bench(cli, *args: str) -> dict:
+    result = cli("tools/bench_train.py", *args, "--threads", "1", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("config", ["tiny-albert", "tiny-llama"])
+def test_ours_and_the_reference_train_the_same_model(cli, config):
+    r = bench(cli, config, "--steps", "2", "--warmup", "1", "--precision", "fp32")
+    ours, ref = r["ours"], r["reference"]
+    assert ours["first_loss"] == pytest.approx(ref["first_loss"], abs=1e-5)
+    assert r["ratio"] == pytest.approx(ours["tokens_per_s"] / ref["tokens_per_s"])
+    for m in (ours, ref):
+        assert m["tokens_per_s"] > 0 and m["peak_memory_gib"] > 0
+        assert m["tflops"] == pytest.approx(m["tokens_per_s"] * r["flops_per_token"] / 1e12)
+        assert m["mfu"] is None  # no datasheet peak for a CPU
+        assert (
+            0
+            < m["mfu_measured"]
+            == pytest.approx(m["tflops"] / r["peak_tflops"]["measured_matmul"]["fp32"])
+        )
+
+
+def test_engine_mode_times_the_real_path(cli, shards_dir):
+    r = bench(
+        cli,
+        "tiny-albert",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--engine",
+        "--no-reference",
+        f"--data.path={shards_dir}",
+        "--engine.zero_stage=2",
+    )
+    assert "reference" not in r and "ratio" not in r
+    e = r["engine"]
+    assert e["engine_tokens_per_s"] > 0 and e["bare_tokens_per_s"] > 0
+    assert e["overhead"] == pytest.approx(e["bare_tokens_per_s"] / e["engine_tokens_per_s"] - 1)
+
+
+def test_an_unknown_preset_is_one_line(cli):
+    result = cli("tools/bench_train.py", "no-such-config")
+    assert result.returncode == 2
+    assert "presets:" in result.stderr and "Traceback" not in result.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,39 @@ def rope_tables(
     freqs_TD = torch.outer(pos, inv_freq)
     emb_TD = torch.cat((freqs_TD, freqs_TD), dim=-1)
     return emb_TD.cos().to(dtype), emb_TD.sin().to(dtype)
+
+
+@cache
+def cpu_attention_upcasts_bf16() -> bool:
+    """True on CPUs without AMX tiles. There PyTorch's CPU flash attention runs bf16 at
+    about half its fp32 speed. Measured forward + backward at B 16, 4 heads, T 128, d 64:
+    25 ms against 16 ms; at T 64, d 48: 9.9 ms against 4.5 ms. So attention computes in
+    fp32 there, and its output goes back to bf16."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return not (amx is not None and amx())
+
+
+def attend(
+    q_BnTd: torch.Tensor,
+    k_BnTd: torch.Tensor,
+    v_BnTd: torch.Tensor,
+    ctx: LayerContext,
+    dropout_p: float,
+) -> torch.Tensor:
+    """SDPA, unmasked when the batch has no padding (the flash kernel takes no mask) and
+    causal inside the kernel when there is no mask to carry it."""
+    dtype = q_BnTd.dtype
+    if q_BnTd.device.type == "cpu" and dtype == torch.bfloat16 and cpu_attention_upcasts_bf16():
+        q_BnTd, k_BnTd, v_BnTd = q_BnTd.float(), k_BnTd.float(), v_BnTd.float()
+    out_BnTd = F.scaled_dot_product_attention(
+        q_BnTd,
+        k_BnTd,
+        v_BnTd,
+        attn_mask=ctx.mask,
+        dropout_p=dropout_p,
+        is_causal=ctx.is_causal and ctx.mask is None,
+    )
+    return out_BnTd.to(dtype)
 
 
 class SelfAttention(nn.Module):

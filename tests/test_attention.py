@@ -1,0 +1,89 @@
+"""Every attention path gives what the masked reference gives: unmasked batches (no padding),
+causal attention inside the kernel, and padded batches, outputs and gradients alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_ids, tiny_model
+
+from pretrain.data.loader import collate
+from pretrain.model.blocks import LayerContext, attend
+
+
+def outputs_and_grads(model, ids, mask):
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, attention_mask=mask).logits
+    (logits.float().square().mean()).backward()
+    return logits.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+def assert_same(a, b):
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("family", ["albert", "llama"])
+def test_no_mask_equals_a_mask_of_ones(family):
+    """The unmasked path (flash kernel on GPU; `is_causal` for llama) against the explicit
+    (B,1,1,T) or (B,1,T,T) mask the model builds from an attention mask."""
+    model = tiny_model(family).train()
+    ids = random_ids(length=16)
+    assert_same(
+        outputs_and_grads(model, ids, None), outputs_and_grads(model, ids, torch.ones_like(ids))
+    )
+
+
+@pytest.mark.parametrize("family", ["albert", "llama"])
+def test_padded_rows_equal_their_unpadded_sequences(family):
+    """A right-padded row of a batch gives, at its real positions, the outputs and the
+    gradients of the same sequence run alone without padding."""
+    model = tiny_model(family).train()
+    ids = random_ids(batch=1, length=16)
+    real = 10
+    mask = torch.ones_like(ids)
+    mask[:, real:] = 0
+
+    def real_positions_loss(m, x, attention_mask):
+        m.zero_grad(set_to_none=True)
+        logits = m(x, attention_mask=attention_mask).logits[:, :real]
+        logits.float().square().mean().backward()
+        return logits.detach(), {
+            n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None
+        }
+
+    padded = real_positions_loss(model, ids, mask)
+    alone = real_positions_loss(model, ids[:, :real], None)
+    assert_same(padded, alone)
+
+
+def sample(length: int, used: int) -> dict[str, np.ndarray]:
+    mask = np.zeros(length, dtype=np.int64)
+    mask[:used] = 1
+    return {"input_ids": np.arange(length), "attention_mask": mask}
+
+
+def test_collate_drops_the_mask_only_without_padding():
+    full = collate([sample(8, 8), sample(8, 8)])
+    assert "attention_mask" not in full and full["input_ids"].shape == (2, 8)
+    padded = collate([sample(8, 8), sample(8, 5)])
+    assert padded["attention_mask"].tolist() == [[1] * 8, [1] * 5 + [0] * 3]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_attention_keeps_its_dtype_and_fp32_accuracy(causal):
+    """On CPU, bf16 attention may compute in fp32 (faster without AMX): the result is the
+    fp32 attention of the same inputs, rounded once to bf16."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g).to(torch.bfloat16) for _ in range(3))
+    ctx = LayerContext(mask=None, is_causal=causal, rope=None)
+    out = attend(q, k, v, ctx, 0.0)
+    assert out.dtype == torch.bfloat16
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)

@@ -76,6 +76,24 @@ def check_resumable(saved: dict, cfg: Config, tokenizer_checksum: str, world: in
         )
 
 
+class StepMetrics:
+    """Sums of one step's micro-batch metrics, kept as device tensors until read."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.done = 0
+
+    def add(self, metrics: dict[str, torch.Tensor] | None) -> None:
+        if metrics is None:
+            return
+        self.done += 1
+        for k, v in metrics.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / max(self.done, 1) for k, v in self.sums.items()}
+
+
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.engine, self.logger = cfg, None, None
@@ -174,11 +192,13 @@ class Trainer:
 
     # -- steps -------------------------------------------------------------------------
 
-    def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """Forward and backward of one micro-batch, gradients accumulated; None when its
-        loss was not finite on some rank, and then no rank backpropagates it."""
+        loss was not finite on some rank, and then no rank backpropagates it. The metrics
+        stay tensors on the device: reading them syncs the host, so only logging does."""
         batch = {k: v.to(self.world.device) for k, v in batch.items()}
         loss, metrics = compute_loss(self.engine(**model_inputs(batch)), batch, self.cfg)
+        # The one host sync of a micro-step: every rank must agree before backward.
         if runtime.any_rank(not bool(torch.isfinite(loss)), self.world.device):
             if self.cfg.train.on_nonfinite == "stop":
                 raise NonFiniteLossError(
@@ -188,23 +208,23 @@ class Trainer:
             self._print(f"step {self.step + 1}: non-finite loss, micro-batch skipped")
             return None
         self.engine.backward(loss)
-        return {k: float(v) for k, v in metrics.items()}
+        return metrics
 
-    def train_step(self, loader: Iterator) -> dict[str, float]:
+    def train_step(self, loader: Iterator) -> StepMetrics:
         """One optimizer step over grad_accum_steps micro-batches (none when every one was
-        skipped); metrics averaged over micro-batches and ranks."""
-        sums: dict[str, float] = {}
-        done = 0
+        skipped)."""
+        step = StepMetrics()
         for _ in range(self.cfg.engine.grad_accum_steps):
-            metrics = self.micro_step(next(loader))
-            if metrics is not None:
-                done += 1
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v
-        if done:
+            step.add(self.micro_step(next(loader)))
+        if step.done:
             self.engine.step()  # the accumulation boundary: reduce, clip, update
-        means = {k: v / max(done, 1) for k, v in sums.items()}
-        means["skipped_micro_batches"] = self.cfg.engine.grad_accum_steps - done
+        return step
+
+    def reduce(self, step: StepMetrics) -> dict[str, float]:
+        """A step's metrics averaged over micro-batches and ranks (one all-reduce; every
+        rank calls it on the same steps)."""
+        means = step.means()
+        means["skipped_micro_batches"] = self.cfg.engine.grad_accum_steps - step.done
         return runtime.mean_across_ranks(means, self.world.device)
 
     @torch.no_grad()
@@ -267,11 +287,11 @@ class Trainer:
         self._print(self.logger.summary())
         return 0
 
-    def _after_step(self, metrics: dict[str, float], samples: int, seconds: float) -> None:
+    def _after_step(self, step: StepMetrics, samples: int, seconds: float) -> None:
         cfg = self.cfg
         first = self.step == self.first_step + 1  # the starting loss, for comparison
         if first or self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
-            self.logger.log(self.step, self._step_metrics(metrics, samples, seconds))
+            self.logger.log(self.step, self._step_metrics(self.reduce(step), samples, seconds))
         if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
             self.logger.log(self.step, self.evaluate())
         if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:

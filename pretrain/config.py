@@ -409,6 +409,9 @@ class TrainConfig:
     on_nonfinite: Literal["skip", "stop"] = "skip"
     """A NaN/inf loss: skip that micro-batch's update and go on, or stop the run (the last
     checkpoint stays as it was)."""
+    compile: bool = False
+    """torch.compile each shared parameter set's block once (a set used by L layers is one
+    compiled module, not L); ZeRO stages 0-2."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, f"train.max_steps ({self.max_steps}) must be >= 1")
@@ -464,6 +467,12 @@ class Config:
             self.optim.warmup_steps <= self.train.max_steps,
             f"optim.warmup_steps ({self.optim.warmup_steps}) must not exceed"
             f" train.max_steps ({self.train.max_steps})",
+        )
+        _check(
+            not (self.train.compile and self.engine.zero_stage == 3),
+            "train.compile=true needs engine.zero_stage 0-2: ZeRO-3 gathers and releases the"
+            " parameters inside the forward pass, which the compiled blocks do not see; set"
+            " engine.zero_stage=2 or train.compile=false",
         )
         _check(
             self.data.seq_length <= self.model.max_position_embeddings,

@@ -115,6 +115,8 @@ class Trainer:
         if cfg.train.init_from and checkpoint.latest_tag(self.ckpt_dir) is None:
             self._init_from(model, cfg.train.init_from)
         model.encoder.checkpoint_layers = cfg.engine.activation_checkpointing
+        if cfg.train.compile:
+            model.encoder.compile_blocks()
         self.engine = runtime.initialize(model, cfg, self.world)
         self.step, self.consumed, self.last_saved = 0, 0, -1
         self._resume()

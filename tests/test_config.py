@@ -189,6 +189,11 @@ BAD_CONFIGS = {
         ["--optim.name=lamb", "--engine.zero_stage=2"],
         "optim.name=lamb needs engine.zero_stage=0 and engine.precision=fp32",
     ),
+    "compile_under_zero3": (
+        None,
+        ["--train.compile=true", "--engine.zero_stage=3"],
+        "train.compile=true needs engine.zero_stage 0-2",
+    ),
     "invalid_yaml": ("model: [unclosed\n", [], "is not valid YAML"),
     "override_without_value": (None, ["--model.num_layers"], "has no value"),
     "section_as_value": ("model: 12\n", [], "model: expected a mapping of keys"),

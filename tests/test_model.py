@@ -211,3 +211,43 @@ def test_model_sources_import_no_distribution():
                 names = [node.module]
             for name in names:
                 assert not name.startswith(("deepspeed", "torch.distributed")), (path, name)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"sharing": {"strategy": "cycle", "num_sets": 2, "ratio": 0.5, "tie_penalty": 0.1}},
+        {"universal": {"enabled": True}, "sharing": {"strategy": "all"}},
+        {"checkpoint_layers": True},
+    ],
+    ids=["relaxed", "act", "activation-checkpointing"],
+)
+def test_compiled_blocks_give_the_eager_outputs_and_gradients(variant):
+    variant = dict(variant)
+    checkpointing = variant.pop("checkpoint_layers", False)
+    torch.manual_seed(0)
+    model = SharedTransformer(tiny_config("albert", **variant)).train()
+    model.encoder.checkpoint_layers = checkpointing
+    ids = random_ids(length=16)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, attention_mask=mask)
+        loss = out.logits.float().square().mean()
+        loss = loss + (out.ponder_cost if out.ponder_cost is not None else 0)
+        loss = loss + (out.tie_penalty if out.tie_penalty is not None else 0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.logits.detach(), grads
+
+    eager = step()
+    names = list(model.state_dict())
+    model.encoder.compile_blocks()
+    assert list(model.state_dict()) == names  # checkpoints and exports see the same keys
+    compiled = step()
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
+    assert compiled[1].keys() == eager[1].keys()
+    for name in eager[1]:
+        torch.testing.assert_close(compiled[1][name], eager[1][name], rtol=1e-3, atol=1e-6)

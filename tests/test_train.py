@@ -97,6 +97,17 @@ def test_activation_checkpointing_is_exact_with_shared_weights(straight, shards_
         assert abs(losses(out)[step] - loss) <= 1e-5, step
 
 
+def test_compiled_blocks_train_as_the_eager_ones(straight, shards_dir, tmp_path):
+    """train.compile through the real engine, with activation checkpointing: the compiled
+    shared block gives the eager run's losses (fp32; compiled kernels may sum in another
+    order, hence not bit-exact)."""
+    out = tmp_path / "run"
+    overrides = ["--engine.zero_stage=2", "--engine.activation_checkpointing=true"]
+    train(shards_dir, out, *overrides, "--train.compile=true", f"--train.max_steps={STEPS}")
+    for step, loss in losses(straight[2]).items():
+        assert abs(losses(out)[step] - loss) <= 1e-4, step
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_exact_resume(straight, shards_dir, tmp_path, stage):
     out = tmp_path / "run"

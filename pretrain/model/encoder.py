@@ -44,6 +44,12 @@ class SharedEncoder(nn.Module):
         # reduction).
         self.checkpoint_layers = False
 
+    def compile_blocks(self) -> None:
+        """Compile each parameter set's sublayers in place, once: the layers that share a
+        set call the same compiled module. Parameter names do not change."""
+        for block in (*self.attention, *self.ffn):
+            block.compile()
+
     def layer(self, i: int, h_BTH: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         if str(i) in self.deltas:
             ctx = dataclasses.replace(ctx, deltas=self.deltas[str(i)])

@@ -35,8 +35,8 @@ from pretrain.data.baseline import held_out_baseline
 from pretrain.data.corpus import prepare_default_data
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine.optim import build_optimizer, build_scheduler
-from pretrain.export.hf import hf_model
-from pretrain.model import ModelOutput, SharedTransformer
+from pretrain.export.hf import HFReference, hf_model
+from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, mlm_loss, model_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,22 +54,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--no-reference", action="store_true", help="train only our model")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     return parser.parse_known_args(argv)
-
-
-class Reference(torch.nn.Module):
-    """HF ALBERT behind our model's call signature, so one loss function scores both."""
-
-    def __init__(self, hf: torch.nn.Module) -> None:
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, input_ids, attention_mask, token_type_ids, predict_mask) -> ModelOutput:
-        out = self.hf(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        )
-        logits_BTV = out.prediction_logits if hasattr(out, "prediction_logits") else out.logits
-        sop_logits_B2 = getattr(out, "sop_logits", None)
-        return ModelOutput(logits=logits_BTV[predict_mask], sop_logits=sop_logits_B2)
 
 
 class Learner:
@@ -125,7 +109,7 @@ def build(cfg: Config, reference: bool) -> list[torch.nn.Module]:
     if not reference:
         return [ours]
     hf = hf_model({k: v.clone() for k, v in ours.state_dict().items()}, cfg.model)
-    return [ours, Reference(hf)]
+    return [ours, HFReference(hf)]
 
 
 def train(cfg: Config, args: argparse.Namespace) -> dict:

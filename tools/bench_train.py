@@ -39,9 +39,9 @@ import torch
 
 from pretrain.config import Config, ConfigError, load_config, main_guard
 from pretrain.engine.optim import build_optimizer
-from pretrain.export.hf import hf_model
+from pretrain.export.hf import HFReference, hf_model
 from pretrain.metrics import peak_tflops
-from pretrain.model import ModelOutput, SharedTransformer
+from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, model_inputs
 from pretrain.objectives.mlm import IGNORE
 from pretrain.summary import account
@@ -100,22 +100,6 @@ def synthetic_batch(cfg: Config, device: torch.device, seed: int = 0) -> dict[st
             "mlm_labels": labels_BT,
         }
     return {k: v.to(device) for k, v in batch.items()}
-
-
-class Reference(torch.nn.Module):
-    """The HF model behind our model's call signature, so one loss function scores both.
-    HF computes token logits at every position; the loss then reads the predicted ones."""
-
-    def __init__(self, hf: torch.nn.Module) -> None:
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, predict_mask=None):
-        kwargs = {"attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        logits_BTV = self.hf(input_ids=input_ids, **kwargs).logits
-        return ModelOutput(logits=logits_BTV if predict_mask is None else logits_BTV[predict_mask])
 
 
 def sync(device: torch.device) -> None:
@@ -180,15 +164,22 @@ class Timed:
         return B * T / statistics.median(self.times)
 
 
+def our_model(cfg: Config) -> SharedTransformer:
+    """Our model as the trainer builds it (compiled with train.compile; the compile happens
+    in the first, untimed, warm-up step)."""
+    model = SharedTransformer(cfg.model)
+    if cfg.train.compile:
+        model.encoder.compile_blocks()
+    return model
+
+
 def build_models(cfg: Config, reference: bool) -> dict[str, torch.nn.Module]:
     torch.manual_seed(cfg.train.seed)
-    ours = SharedTransformer(cfg.model)
-    if cfg.train.compile:  # compiled in the first (untimed) warm-up step
-        ours.encoder.compile_blocks()
+    ours = our_model(cfg)
     if not reference:
         return {"ours": ours}
     hf = hf_model({k: v.clone() for k, v in ours.state_dict().items()}, cfg.model)
-    return {"ours": ours, "reference": Reference(hf)}
+    return {"ours": ours, "reference": HFReference(hf)}
 
 
 def run_interleaved(timed: list[Timed], batch: dict, warmup: int, steps: int) -> None:
@@ -213,7 +204,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) 
     while time.perf_counter() - start < seconds:
         a @ b
         iters += 1
-        sync(device) if iters % 8 == 0 else None
+        if iters % 8 == 0:  # bound the queue of launched kernels on CUDA
+            sync(device)
     sync(device)
     return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
 
@@ -228,7 +220,7 @@ def device_name(device: torch.device) -> str:
 def time_engine(cfg: Config, args: argparse.Namespace, autocast) -> dict:
     """Real path (our DeepSpeed engine, one rank, the real loader) against the bare step of
     the same model on the same batches."""
-    from pretrain.data.loader import PretrainDataset, make_loader
+    from pretrain.data.loader import make_loader
     from pretrain.train import Trainer
 
     with tempfile.TemporaryDirectory() as out:
@@ -239,12 +231,10 @@ def time_engine(cfg: Config, args: argparse.Namespace, autocast) -> dict:
         try:
             device = trainer.world.device
             B, T = cfg.engine.micro_batch_size, cfg.data.seq_length
-            data = PretrainDataset(cfg, "train")
-            batches = list(
-                zip(range(args.warmup + args.steps), make_loader(data, 0, B), strict=False)
-            )
-            bare = Timed("bare", SharedTransformer(cfg.model), cfg, device, autocast)
-            engine_times, bare_times = [], []
+            loader = make_loader(trainer.train_data, 0, B)
+            batches = list(zip(range(args.warmup + args.steps), loader, strict=False))
+            bare = Timed("bare", our_model(cfg), cfg, device, autocast)
+            engine_times = []
             for i, batch in batches:
                 sync(device)
                 start = time.perf_counter()
@@ -253,11 +243,10 @@ def time_engine(cfg: Config, args: argparse.Namespace, autocast) -> dict:
                 if i >= args.warmup:
                     engine_times.append(time.perf_counter() - start)
                 bare.step({k: v.to(device) for k, v in batch.items()}, record=i >= args.warmup)
-            bare_times = bare.times
         finally:
             trainer.close()
     engine_tps = B * T / statistics.median(engine_times)
-    bare_tps = B * T / statistics.median(bare_times)
+    bare_tps = B * T / statistics.median(bare.times)
     return {
         "engine_tokens_per_s": engine_tps,
         "bare_tokens_per_s": bare_tps,

@@ -15,6 +15,7 @@ from pretrain.config import ModelConfig
 from pretrain.data.tokenizer import INFO_FILE, MODEL_FILE, SPECIAL_PIECES
 from pretrain.errors import UserError
 from pretrain.export import hf_albert, hf_llama
+from pretrain.model import ModelOutput
 from pretrain.model.sharing import SharingPlan
 
 
@@ -102,6 +103,27 @@ def export_notes(cfg: ModelConfig) -> list[str]:
 def hf_model(state: dict[str, torch.Tensor], cfg: ModelConfig):
     """The Hugging Face model of `cfg`'s family holding `state` (ours, converted)."""
     return _albert_model(state, cfg) if cfg.family == "albert" else _llama_model(state, cfg)
+
+
+class HFReference(torch.nn.Module):
+    """An HF model behind our model's call signature, so that one loss function scores
+    both (A/B benchmarks). HF computes token logits at every position; `predict_mask`
+    then selects the ones our model computes."""
+
+    def __init__(self, hf: torch.nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(
+        self, input_ids, attention_mask=None, token_type_ids=None, predict_mask=None
+    ) -> ModelOutput:
+        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = out.prediction_logits if hasattr(out, "prediction_logits") else out.logits
+        return ModelOutput(
+            logits=logits if predict_mask is None else logits[predict_mask],
+            sop_logits=getattr(out, "sop_logits", None),
+        )
 
 
 def save_hf(

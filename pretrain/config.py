@@ -436,7 +436,8 @@ class LoggingConfig:
     """Log metrics every N steps."""
     tensorboard: bool = True
     peak_tflops: float | None = None
-    """Peak TFLOP/s of one device for MFU; default: looked up from the device name."""
+    """Peak TFLOP/s of one device for MFU; default: the datasheet figure for the device's
+    name, or where there is none (CPUs), a matmul peak measured at start."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, f"logging.every ({self.every}) must be >= 1")

@@ -31,7 +31,14 @@ from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine import checkpoint, runtime
 from pretrain.errors import UserError
 from pretrain.export import native
-from pretrain.metrics import MetricsLogger, memory_stats, peak_tflops, throughput
+from pretrain.metrics import (
+    DTYPES,
+    MetricsLogger,
+    matmul_peak,
+    memory_stats,
+    peak_tflops,
+    throughput,
+)
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, model_inputs
 from pretrain.summary import account
@@ -122,8 +129,7 @@ class Trainer:
         self._resume()
         self.first_step = self.step
         self.flops_per_token = account(cfg).flops_per_token
-        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        self.peak = peak_tflops(device_name, cfg.engine.precision, cfg.logging.peak_tflops)
+        self.peak = self._peak_tflops()
         self.logger = MetricsLogger(
             self.out,
             enabled=self.world.rank == 0,
@@ -134,6 +140,16 @@ class Trainer:
         self._signal: int | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+
+    def _peak_tflops(self) -> float:
+        """The MFU denominator: `logging.peak_tflops`, else the datasheet's, else measured."""
+        precision = self.cfg.engine.precision
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        peak = peak_tflops(device_name, precision, self.cfg.logging.peak_tflops)
+        if peak is None:
+            peak = matmul_peak(self.world.device, DTYPES[precision], seconds=0.25)
+            self._print(f"MFU against a measured {precision} matmul peak of {peak:.3g} TFLOP/s")
+        return peak
 
     def _init_from(self, model: SharedTransformer, directory: str) -> None:
         """Start from a native export's weights; its model config must be this run's."""

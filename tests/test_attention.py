@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import random_ids, tiny_model
 
 from pretrain.data.loader import collate
-from pretrain.model.blocks import LayerContext, attend
+from pretrain.model.blocks import LayerContext, attend, matmul_attention
 
 
 def outputs_and_grads(model, ids, mask):
@@ -76,14 +76,59 @@ def test_collate_drops_the_mask_only_without_padding():
     assert padded["attention_mask"].tolist() == [[1] * 8, [1] * 5 + [0] * 3]
 
 
+def padding_mask(causal: bool) -> torch.Tensor:
+    """Keys mask (2,1,1,16) with the second row padded after 11 tokens; causal: (2,1,16,16)
+    with the diagonal always allowed, as the model builds them."""
+    keys = torch.ones(2, 16, dtype=torch.bool)
+    keys[1, 11:] = False
+    mask = keys[:, None, None, :]
+    if causal:
+        mask = (torch.ones(16, 16, dtype=torch.bool).tril() & mask) | torch.eye(
+            16, dtype=torch.bool
+        )
+    return mask
+
+
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_bf16_attention_keeps_its_dtype_and_fp32_accuracy(causal):
-    """On CPU, bf16 attention may compute in fp32 (faster without AMX): the result is the
-    fp32 attention of the same inputs, rounded once to bf16."""
+def test_bf16_attention_matches_fp32_sdpa(causal, masked):
+    """bf16 attention on CPU (by matmuls without AMX, else the flash kernel) keeps its dtype
+    and gives the fp32 SDPA result of the same inputs to bf16 accuracy, gradients alike."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 16, 8, generator=g).to(torch.bfloat16) for _ in range(3))
-    ctx = LayerContext(mask=None, is_causal=causal, rope=None)
-    out = attend(q, k, v, ctx, 0.0)
+    mask = padding_mask(causal) if masked else None
+    grad_out = torch.randn(2, 4, 16, 8, generator=g)
+
+    def run(x, y, z, fn):
+        x, y, z = (t.clone().requires_grad_() for t in (x, y, z))
+        out = fn(x, y, z)
+        out.float().backward(grad_out.to(out.dtype))
+        return out, [t.grad.float() for t in (x, y, z)]
+
+    ctx = LayerContext(mask=mask, is_causal=causal, rope=None)
+    out, grads = run(q, k, v, lambda x, y, z: attend(x, y, z, ctx, 0.0))
     assert out.dtype == torch.bfloat16
-    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
-    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+    expected, expected_grads = run(
+        q.float(),
+        k.float(),
+        v.float(),
+        lambda x, y, z: F.scaled_dot_product_attention(
+            x, y, z, attn_mask=mask, is_causal=causal and mask is None
+        ),
+    )
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_matmul_attention_equals_sdpa_in_fp32(causal):
+    """The matmul path is exact attention: in fp32 it equals SDPA, masked or not."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g) for _ in range(3))
+    for mask in (None, padding_mask(causal)):
+        got = matmul_attention(q, k, v, mask, causal and mask is None, 0.0)
+        want = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None
+        )
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -48,6 +48,9 @@ def test_engine_mode_times_the_real_path(cli, shards_dir):
     e = r["engine"]
     assert e["engine_tokens_per_s"] > 0 and e["bare_tokens_per_s"] > 0
     assert e["overhead"] == pytest.approx(e["bare_tokens_per_s"] / e["engine_tokens_per_s"] - 1)
+    # The MFU the trainer logs is the bench's own figure: same FLOPs, same (measured) peak.
+    assert e["logged_peak_tflops"] > 0
+    assert 0 < e["logged_mfu"] == pytest.approx(e["mfu"], rel=1e-9)
 
 
 def test_an_unknown_preset_is_one_line(cli):

@@ -12,7 +12,14 @@ import torch
 from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pretrain.metrics import PEAK_TFLOPS, PRECISIONS, MetricsLogger, memory_stats, peak_tflops
+from pretrain.metrics import (
+    PEAK_TFLOPS,
+    PRECISIONS,
+    MetricsLogger,
+    matmul_peak,
+    memory_stats,
+    peak_tflops,
+)
 from pretrain.metrics import throughput as compute_throughput
 
 
@@ -208,3 +215,9 @@ def test_metrics_module_knows_nothing_of_distribution():
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module or "")
     assert not {m for m in imported if m.startswith(("deepspeed", "torch.distributed"))}
+
+
+def test_matmul_peak_is_a_measurement():
+    """Where no datasheet knows the device (a CPU), MFU is taken against this measurement."""
+    peak = matmul_peak(torch.device("cpu"), torch.float32, seconds=0.05)
+    assert 0.001 < peak < 100  # TFLOP/s: any CPU lies between

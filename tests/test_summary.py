@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import transformers
 from conftest import REPO
 from helpers import tiny_config
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config import Config, load_config
 from pretrain.export import hf_albert, hf_llama
 from pretrain.model import SharedTransformer, count
+from pretrain.objectives import compute_loss, model_inputs
+from pretrain.objectives.mlm import IGNORE
 from pretrain.summary import account
 
 
@@ -113,3 +118,44 @@ def test_summary_cli_table_with_overrides(cli):
 
 def test_default_config_accounts():
     assert account(Config()).unique_params > 0
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("tiny-albert", []),
+        ("tiny-albert", ["--model.sharing.strategy=none"]),
+        ("tiny-llama", []),
+        ("tiny-llama", ["--model.sharing.ratio=0.5"]),
+    ],
+)
+def test_flops_per_token_match_a_flop_counter(name, overrides):
+    """MFU is only as true as its FLOPs: the accounting equals what torch's FLOP counter sees
+    in one forward and backward of the model (every matmul, every application of a shared
+    layer), on a batch with as many masked positions as training has."""
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", overrides)
+    torch.manual_seed(0)
+    model = SharedTransformer(cfg.model).train()
+    B, T = 2, cfg.data.seq_length
+    ids_BT = torch.randint(5, cfg.model.vocab_size, (B, T))
+    if cfg.model.causal:
+        batch = {"input_ids": ids_BT, "labels": ids_BT}
+    else:
+        predicted = min(cfg.objective.max_predictions, round(cfg.objective.mask_prob * T))
+        labels_BT = torch.full((B, T), IGNORE)
+        labels_BT[:, 1 : 1 + predicted] = ids_BT[:, 1 : 1 + predicted]
+        batch = {
+            "input_ids": ids_BT,
+            "token_type_ids": torch.zeros_like(ids_BT),
+            "mlm_labels": labels_BT,
+            "sop_labels": torch.zeros(B, dtype=torch.long),
+        }
+    # The math backend decomposes attention into matmuls, counted as the accounting counts
+    # them (a fused kernel's backward recomputes the scores: more work, not more model FLOPs).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss, _ = compute_loss(model(**model_inputs(batch)), batch, cfg)
+        loss.backward()
+    with FlopCounterMode(display=False) as per_step:
+        model.encoder.tie_penalty()  # relaxed sharing: once per step, not per token
+    counted = counter.get_total_flops() - per_step.get_total_flops()
+    assert counted == pytest.approx(account(cfg).flops_per_token * B * T, rel=1e-3)

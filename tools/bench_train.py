@@ -40,7 +40,7 @@ import torch
 from pretrain.config import Config, ConfigError, load_config, main_guard
 from pretrain.engine.optim import build_optimizer
 from pretrain.export.hf import HFReference, hf_model
-from pretrain.metrics import peak_tflops
+from pretrain.metrics import matmul_peak, peak_tflops, throughput
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, model_inputs
 from pretrain.objectives.mlm import IGNORE
@@ -79,7 +79,8 @@ def resolve_config(name: str) -> Path:
 
 
 def synthetic_batch(cfg: Config, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One micro-batch shaped as the loader's, without padding. MLM masks as many positions
+    """One micro-batch shaped as the loader's, without padding (so, as the loader, without an
+    attention mask). MLM masks as many positions
     per sequence as training does (mask_prob, capped at max_predictions)."""
     g = torch.Generator().manual_seed(seed)
     B, T, V = cfg.engine.micro_batch_size, cfg.data.seq_length, cfg.model.vocab_size
@@ -96,7 +97,6 @@ def synthetic_batch(cfg: Config, device: torch.device, seed: int = 0) -> dict[st
         batch = {
             "input_ids": input_ids_BT,
             "token_type_ids": token_type_ids_BT,
-            "attention_mask": torch.ones(B, T, dtype=torch.long),
             "mlm_labels": labels_BT,
         }
     return {k: v.to(device) for k, v in batch.items()}
@@ -192,24 +192,6 @@ def run_interleaved(timed: list[Timed], batch: dict, warmup: int, steps: int) ->
 # -- peaks -------------------------------------------------------------------------------
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """TFLOP/s of a large square matmul on `device`, measured now."""
-    n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    iters, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        iters += 1
-        if iters % 8 == 0:  # bound the queue of launched kernels on CUDA
-            sync(device)
-    sync(device)
-    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
-
-
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -243,6 +225,10 @@ def time_engine(cfg: Config, args: argparse.Namespace, autocast) -> dict:
                 if i >= args.warmup:
                     engine_times.append(time.perf_counter() - start)
                 bare.step({k: v.to(device) for k, v in batch.items()}, record=i >= args.warmup)
+            # What the trainer logs for a step of the median time: its FLOPs, its peak.
+            logged = throughput(
+                B * T, statistics.median(engine_times), trainer.flops_per_token, 1, trainer.peak
+            )
         finally:
             trainer.close()
     engine_tps = B * T / statistics.median(engine_times)
@@ -251,6 +237,8 @@ def time_engine(cfg: Config, args: argparse.Namespace, autocast) -> dict:
         "engine_tokens_per_s": engine_tps,
         "bare_tokens_per_s": bare_tps,
         "overhead": bare_tps / engine_tps - 1.0,
+        "logged_mfu": logged["mfu"],
+        "logged_peak_tflops": trainer.peak,
     }
 
 
@@ -305,7 +293,11 @@ def report(cfg: Config, args: argparse.Namespace, device: torch.device, precisio
     if "reference" in result:
         result["ratio"] = result["ours"]["tokens_per_s"] / result["reference"]["tokens_per_s"]
     if args.engine:
-        result["engine"] = time_engine(cfg, args, autocast)
+        engine = time_engine(cfg, args, autocast)
+        # The bench's own MFU of the engine path, against the peak the trainer divides by.
+        tflops = engine["engine_tokens_per_s"] * flops_per_token / 1e12
+        engine["mfu"] = tflops / engine["logged_peak_tflops"]
+        result["engine"] = engine
     return result
 
 
@@ -349,6 +341,10 @@ def print_table(r: dict, write: Callable[[str], None] = print) -> None:
         write(
             f"engine path: {e['engine_tokens_per_s']:,.0f} tokens/s against a bare step's"
             f" {e['bare_tokens_per_s']:,.0f}: overhead {100 * e['overhead']:.1f}%"
+        )
+        write(
+            f"engine MFU: {100 * e['mfu']:.1f}% by this bench, {100 * e['logged_mfu']:.1f}% as"
+            f" the trainer logs it (peak {e['logged_peak_tflops']:.3g} TFLOP/s)"
         )
 
 

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo clean
+.PHONY: install test lint format demo bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ format: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py
+
+# The GPU targets of the throughput work: ALBERT-xlarge at T 512 and llama-small, bf16, ours
+# against HF at the largest micro-batch that fits both, then ours compiled.
+BENCH := $(PY) tools/bench_train.py --device cuda --precision bf16 --steps 20 --fit-batch
+bench-gpu: $(STAMP)
+	$(BENCH) albert-xlarge --engine.micro_batch_size=64
+	$(BENCH) llama-small --engine.micro_batch_size=32
+	$(BENCH) albert-xlarge --engine.micro_batch_size=64 --train.compile=true --no-reference
+	$(BENCH) llama-small --engine.micro_batch_size=32 --train.compile=true --no-reference
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from helpers import random_ids, tiny_model
 
 from pretrain.data.loader import collate
-from pretrain.model.blocks import LayerContext, attend, matmul_attention
+from pretrain.model.blocks import (
+    LayerContext,
+    RowSplit,
+    attend,
+    matmul_attention,
+    split_rows_attention,
+)
 
 
 def outputs_and_grads(model, ids, mask):
@@ -132,3 +138,41 @@ def test_matmul_attention_equals_sdpa_in_fp32(causal):
             q, k, v, attn_mask=mask, is_causal=causal and mask is None
         )
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["albert", "llama"])
+def test_split_rows_attention_equals_the_masked_batch(family):
+    """GPUs run the full rows of a partly padded batch unmasked and only the padded rows
+    with their mask: outputs and gradients equal one masked call over the whole batch."""
+    model = tiny_model(family)
+    keys_BT = torch.ones(4, 16, dtype=torch.long)
+    keys_BT[1, 9:] = 0
+    keys_BT[3, 13:] = 0
+    ctx = model.attention_context(random_ids(batch=4, length=16), keys_BT, torch.float32)
+    rows = RowSplit.of(keys_BT.bool())
+    assert rows.full.tolist() == [0, 2] and rows.padded.tolist() == [1, 3]
+    g = torch.Generator().manual_seed(2)
+    q, k, v, grad_out = (torch.randn(4, 2, 16, 8, generator=g) for _ in range(4))
+
+    def run(fn):
+        x, y, z = (t.clone().requires_grad_() for t in (q, k, v))
+        out = fn(x, y, z)
+        out.backward(grad_out)
+        return out.detach(), [t.grad for t in (x, y, z)]
+
+    split = run(lambda x, y, z: split_rows_attention(x, y, z, ctx.mask, rows, ctx.is_causal, 0.0))
+    masked = run(lambda x, y, z: F.scaled_dot_product_attention(x, y, z, attn_mask=ctx.mask))
+    torch.testing.assert_close(split[0], masked[0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(split[1], masked[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_row_split_needs_both_kinds_of_row():
+    full = torch.ones(3, 8, dtype=torch.bool)
+    padded = full.clone()
+    padded[:, 5:] = False
+    assert RowSplit.of(full) is None and RowSplit.of(padded) is None
+    mixed = torch.cat([padded[:1], full[:2]])
+    rows = RowSplit.of(mixed)
+    assert rows.full.tolist() == [1, 2] and rows.padded.tolist() == [0]
+    assert rows.order.tolist() == [2, 0, 1]  # row 0 sits last in cat(full, padded)

@@ -3,9 +3,15 @@ score the same batch with the same loss, and every figure it prints is there."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 
 import pytest
+import torch
+from conftest import REPO
+
+from pretrain.config import ConfigError, load_config
 
 
 def bench(cli, *args: str) -> dict:
@@ -57,3 +63,27 @@ def test_an_unknown_preset_is_one_line(cli):
     result = cli("tools/bench_train.py", "no-such-config")
     assert result.returncode == 2
     assert "presets:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fit_batch_halves_the_micro_batch_until_it_fits(monkeypatch):
+    """--fit-batch finds the largest micro-batch that fits (a GPU's out-of-memory is raised
+    here for batches over 4); without it, one line names the fix."""
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "tools/bench_train.py")
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+    tried = []
+
+    def report(cfg, args, device, precision):
+        tried.append(cfg.engine.micro_batch_size)
+        if cfg.engine.micro_batch_size > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"batch": cfg.engine.micro_batch_size}
+
+    monkeypatch.setattr(bench_train, "report", report)
+    cfg = load_config(REPO / "configs" / "tiny-albert.yaml", ["--engine.micro_batch_size=24"])
+    args = argparse.Namespace(fit_batch=True)
+    assert bench_train.report_fitting(cfg, args, None, "bf16") == {"batch": 3}
+    assert tried == [24, 12, 6, 3]
+    cfg.engine.micro_batch_size = 8
+    with pytest.raises(ConfigError, match="out of memory at micro-batch 8: lower"):
+        bench_train.report_fitting(cfg, argparse.Namespace(fit_batch=False), None, "bf16")

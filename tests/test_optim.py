@@ -234,6 +234,26 @@ def test_build_optimizer(name, cls):
         assert (g["lr"], tuple(g["betas"]), g["eps"]) == (3e-4, (0.8, 0.95), 1e-8)
 
 
+def test_adamw_is_fused_and_updates_as_the_foreach_kernel():
+    """The fused kernel is the fast path, not a different optimizer: three updates of a
+    model land where torch's multi-tensor AdamW puts them, to fp32 rounding."""
+    cfg = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.05)
+    fused_model, foreach_model = tiny_model("albert"), tiny_model("albert")
+    fused = build_optimizer(fused_model, cfg)
+    assert all(g["fused"] for g in fused.param_groups)
+    foreach = torch.optim.AdamW(
+        param_groups(foreach_model, cfg.weight_decay), lr=cfg.lr, eps=cfg.eps, foreach=True
+    )
+    for step in range(3):
+        for model, opt in ((fused_model, fused), (foreach_model, foreach)):
+            model(random_ids(seed=step)).logits.square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    pairs = zip(fused_model.named_parameters(), foreach_model.parameters(), strict=True)
+    for (name, a), b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_optim_module_does_not_import_deepspeed(cli):
     code = "import sys, pretrain.engine.optim; assert 'deepspeed' not in sys.modules"
     result = cli("-c", code)

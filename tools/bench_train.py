@@ -2,7 +2,7 @@
 
     python tools/bench_train.py CONFIG [--dotted.overrides] [--steps N] [--warmup N]
         [--precision bf16|fp32] [--device cpu|cuda] [--threads N] [--engine]
-        [--no-reference] [--json]
+        [--no-reference] [--fit-batch] [--json]
 
 CONFIG is a YAML file or the name of one in configs/ (`demo`, `albert-base`, `llama-small`).
 Batch and length come from the config (`--engine.micro_batch_size`, `--data.seq_length`);
@@ -26,6 +26,7 @@ difference is the engine's overhead.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -60,6 +61,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     parser.add_argument("--engine", action="store_true", help="also time the real engine path")
     parser.add_argument("--no-reference", action="store_true", help="time only our model")
+    parser.add_argument(
+        "--fit-batch",
+        action="store_true",
+        help="on out-of-memory, halve the micro-batch and retry: the largest that fits both",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     return parser.parse_known_args(argv)
 
@@ -348,6 +354,22 @@ def print_table(r: dict, write: Callable[[str], None] = print) -> None:
         )
 
 
+def report_fitting(cfg: Config, args: argparse.Namespace, device, precision: str) -> dict:
+    """`report`, halving the micro-batch on out-of-memory with --fit-batch."""
+    while True:
+        try:
+            return report(cfg, args, device, precision)
+        except torch.OutOfMemoryError:
+            B = cfg.engine.micro_batch_size
+            if not args.fit_batch or B == 1:
+                hint = "lower --engine.micro_batch_size" if B > 1 else "the model does not fit"
+                raise ConfigError(f"out of memory at micro-batch {B}: {hint}") from None
+            cfg.engine.micro_batch_size = B // 2
+            gc.collect()
+            torch.cuda.empty_cache()
+            print(f"out of memory at micro-batch {B}; trying {B // 2}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     args.config = resolve_config(args.config)
@@ -362,7 +384,7 @@ def main(argv: list[str]) -> int:
     precision = args.precision or cfg.engine.precision
     if precision not in ("bf16", "fp32"):
         raise ConfigError(f"bench precision {precision!r}: use --precision bf16 or fp32")
-    result = report(cfg, args, device, precision)
+    result = report_fitting(cfg, args, device, precision)
     print_table(result)
     if args.json:
         print(json.dumps(result))

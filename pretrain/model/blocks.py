@@ -34,6 +34,30 @@ class RMSNorm(nn.Module):
 
 
 @dataclass
+class RowSplit:
+    """The rows of a batch that mixes full rows (no padding) with padded ones. Full rows
+    take the unmasked flash kernel, so a masked kernel runs only on the padded rows (ALBERT
+    batches are mostly full rows: their samples fill the sequence but at document ends)."""
+
+    full: torch.Tensor
+    """(F,) indices of the rows without padding."""
+    padded: torch.Tensor
+    """(P,) indices of the other rows."""
+    order: torch.Tensor
+    """(B,) where each row sits in cat(full, padded): the inverse permutation."""
+
+    @staticmethod
+    def of(keys_BT: torch.Tensor) -> RowSplit | None:
+        """None unless the batch has both kinds of row (one host sync, per forward pass)."""
+        is_full_B = keys_BT.all(dim=1)
+        full = is_full_B.nonzero().squeeze(1)
+        if len(full) in (0, len(is_full_B)):
+            return None
+        padded = (~is_full_B).nonzero().squeeze(1)
+        return RowSplit(full, padded, torch.cat([full, padded]).argsort())
+
+
+@dataclass
 class LayerContext:
     """What the sublayers of one layer application need: attention inputs computed once
     per forward pass, and the layer's own low-rank deltas under relaxed sharing."""
@@ -41,11 +65,14 @@ class LayerContext:
     mask: torch.Tensor | None
     """Boolean (B, 1, 1|T, T), True where attention is allowed; None for no mask."""
     is_causal: bool
-    """Apply the causal mask inside SDPA (only when `mask` is None)."""
+    """The model is causal. `mask` then carries it where there is one; where there is none
+    (a batch, or the rows of one, without padding), SDPA applies it inside the kernel."""
     rope: tuple[torch.Tensor, torch.Tensor] | None
     """(cos, sin), each (T, head_dim), for rotary position embeddings."""
     deltas: Mapping[str, nn.Module] | None = None
     """Per-role (q, k, v, o, gate, up, down) low-rank updates of this layer's shared linears."""
+    rows: RowSplit | None = None
+    """Set on CUDA when `mask` pads only some rows: see `split_rows_attention`."""
 
 
 def project(linear: nn.Linear, role: str, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
@@ -104,6 +131,27 @@ def matmul_attention(
     return probs_BnTT @ v_BnTd
 
 
+def split_rows_attention(
+    q_BnTd: torch.Tensor,
+    k_BnTd: torch.Tensor,
+    v_BnTd: torch.Tensor,
+    mask: torch.Tensor,
+    rows: RowSplit,
+    is_causal: bool,
+    dropout_p: float,
+) -> torch.Tensor:
+    """Attention of a batch whose `rows.full` carry no padding: those rows run unmasked
+    (causal inside the kernel for a causal model), only `rows.padded` carry their mask."""
+    full, padded = rows.full, rows.padded
+    out_full = F.scaled_dot_product_attention(
+        q_BnTd[full], k_BnTd[full], v_BnTd[full], dropout_p=dropout_p, is_causal=is_causal
+    )
+    out_padded = F.scaled_dot_product_attention(
+        q_BnTd[padded], k_BnTd[padded], v_BnTd[padded], attn_mask=mask[padded], dropout_p=dropout_p
+    )
+    return torch.cat([out_full, out_padded]).index_select(0, rows.order)
+
+
 def attend(
     q_BnTd: torch.Tensor,
     k_BnTd: torch.Tensor,
@@ -112,8 +160,9 @@ def attend(
     dropout_p: float,
 ) -> torch.Tensor:
     """SDPA, unmasked when the batch has no padding (the flash kernel takes no mask) and
-    causal inside the kernel when there is no mask to carry it. bf16 on a CPU without AMX
-    goes through `matmul_attention` instead, which is faster there."""
+    causal inside the kernel when there is no mask to carry it; with `ctx.rows`, only the
+    padded rows carry a mask. bf16 on a CPU without AMX goes through `matmul_attention`
+    instead, which is faster there (and masks cost a CPU nothing)."""
     is_causal = ctx.is_causal and ctx.mask is None
     if (
         q_BnTd.device.type == "cpu"
@@ -121,6 +170,10 @@ def attend(
         and cpu_bf16_attention_by_matmul()
     ):
         return matmul_attention(q_BnTd, k_BnTd, v_BnTd, ctx.mask, is_causal, dropout_p)
+    if ctx.rows is not None:
+        return split_rows_attention(
+            q_BnTd, k_BnTd, v_BnTd, ctx.mask, ctx.rows, ctx.is_causal, dropout_p
+        )
     return F.scaled_dot_product_attention(
         q_BnTd, k_BnTd, v_BnTd, attn_mask=ctx.mask, dropout_p=dropout_p, is_causal=is_causal
     )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pretrain.config import ModelConfig
-from pretrain.model.blocks import FAMILIES, LayerContext, rope_tables
+from pretrain.model.blocks import FAMILIES, LayerContext, RowSplit, rope_tables
 from pretrain.model.embeddings import FactorizedEmbedding
 from pretrain.model.encoder import AdaptiveComputationTime, SharedEncoder
 from pretrain.model.heads import TOKEN_HEADS, SOPHead
@@ -71,13 +71,17 @@ class SharedTransformer(nn.Module):
             rope = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, device, dtype)
         if attention_mask_BT is None:
             return LayerContext(mask=None, is_causal=self.cfg.causal, rope=rope)
-        keys_B11T = attention_mask_BT.bool()[:, None, None, :]
+        keys_BT = attention_mask_BT.bool()
+        # On GPUs the rows without padding keep the flash kernel (CPUs lose nothing to masks).
+        rows = RowSplit.of(keys_BT) if device.type == "cuda" else None
+        keys_B11T = keys_BT[:, None, None, :]
         if not self.cfg.causal:
-            return LayerContext(mask=keys_B11T, is_causal=False, rope=rope)
+            return LayerContext(mask=keys_B11T, is_causal=False, rope=rope, rows=rows)
         causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         # A position may always see itself, so that padded rows stay finite.
         eye_TT = torch.eye(T, dtype=torch.bool, device=device)
-        return LayerContext(mask=(causal_TT & keys_B11T) | eye_TT, is_causal=False, rope=rope)
+        mask_B1TT = (causal_TT & keys_B11T) | eye_TT
+        return LayerContext(mask=mask_B1TT, is_causal=True, rope=rope, rows=rows)
 
     def forward(
         self,

@@ -119,7 +119,7 @@ class Trainer:
         self.train_data = PretrainDataset(cfg, "train")
         self.eval_data = PretrainDataset(cfg, "valid") if cfg.train.eval_every else None
         model = SharedTransformer(cfg.model)
-        if cfg.train.init_from and checkpoint.latest_tag(self.ckpt_dir) is None:
+        if cfg.train.init_from and not checkpoint.has_checkpoint(self.ckpt_dir):
             self._init_from(model, cfg.train.init_from)
         model.encoder.checkpoint_layers = cfg.engine.activation_checkpointing
         if cfg.train.compile:
@@ -177,7 +177,11 @@ class Trainer:
         }
 
     def _resume(self) -> None:
-        tag = checkpoint.latest_tag(self.ckpt_dir)
+        # Rank 0 verifies (hashing every file once, not once per rank) and tells the others.
+        newest = checkpoint.newest_valid(self.ckpt_dir) if self.world.rank == 0 else None
+        tag, skipped = runtime.broadcast_object(newest)
+        for bad, problem in skipped:
+            self._print(f"warning: skipping checkpoint {self.ckpt_dir / bad}: {problem}")
         if tag is None:
             return
         where = str(self.ckpt_dir / tag)

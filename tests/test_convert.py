@@ -12,6 +12,7 @@ import transformers
 from conftest import REPO, run_process
 from test_train import env, launch_args, train
 
+from pretrain.engine.checkpoint import write_manifest
 from pretrain.engine.consolidate import read_checkpoint
 from pretrain.export.hf import save_hf
 from pretrain.export.native import load_model, save_native
@@ -254,6 +255,7 @@ def test_clear_errors(checkpoints, tmp_path):
     state = json.loads(state_file.read_text())
     state["config"]["data"]["path"] = str(tmp_path / "gone")
     state_file.write_text(json.dumps(state))
+    write_manifest(state_file.parent)  # an edit made on purpose, sealed again
     assert "missing tokenizer" in one_error(
         run_convert("--checkpoint", moved, "--format", "hf", "--output", tmp_path / "o3")
     )
@@ -262,6 +264,7 @@ def test_clear_errors(checkpoints, tmp_path):
     )["config"]["data"]["path"]
     state["config"]["model"]["hidden_size"] = 128
     state_file.write_text(json.dumps(state))
+    write_manifest(state_file.parent)
     line = one_error(
         run_convert("--checkpoint", moved, "--format", "native", "--output", tmp_path / "o4")
     )
@@ -279,6 +282,11 @@ def test_checkpoints_are_never_unpickled(checkpoints, tmp_path):
     shutil.copytree(checkpoints["all"], moved)
     optim = next((moved / "checkpoints" / "step00000002").glob("*optim_states.pt"))
     torch.save({"payload": Payload()}, optim)
+    line = one_error(
+        run_convert("--checkpoint", moved, "--format", "native", "--output", tmp_path / "o")
+    )
+    assert "no checkpoint in" in line and "verifies" in line  # its SHA-256 changed
+    write_manifest(optim.parent)  # whoever can plant a file can rewrite the manifest too
     line = one_error(
         run_convert("--checkpoint", moved, "--format", "native", "--output", tmp_path / "o")
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 from pretrain.config import load_config, main_guard
 from pretrain.data.baseline import held_out_baseline
 from pretrain.data.corpus import prepare_default_data
-from pretrain.engine.checkpoint import latest_tag, read_run_state
+from pretrain.engine.checkpoint import newest_valid, read_run_state
 from pretrain.summary import account
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def summarize(cfg, run: Path, seconds: float) -> None:
     if not evals:
         return
     checkpoints = run / "checkpoints"
-    world = read_run_state(checkpoints, latest_tag(checkpoints))["world_size"]
+    world = read_run_state(checkpoints, newest_valid(checkpoints)[0])["world_size"]
     e = cfg.engine
     base = held_out_baseline(cfg, cfg.train.eval_steps * e.micro_batch_size * world)
     final = evals[-1]

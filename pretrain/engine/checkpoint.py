@@ -1,20 +1,26 @@
-"""Checkpoints: DeepSpeed's own format plus our client state, saved crash-safely.
+"""Checkpoints: DeepSpeed's own format plus our client state, saved crash-safely, verified
+before they are trusted, and read without unpickling arbitrary objects.
 
 Layout under <output_dir>/checkpoints/:
 
     step00000100/        DeepSpeed's files for that step, run_state.json (step, consumed
                          samples, resolved config: readable before anything is loaded),
-                         and rng_rank{r}.pt per rank
-    latest               the tag of the newest *complete* checkpoint
+                         rng_rank{r}.pt per rank, and manifest.json (every other file's
+                         size and SHA-256), written last
+    latest               the tag of the newest checkpoint, moved after its manifest
 
-`latest` is replaced atomically, and only after every rank has finished writing, so a
-crash in the middle of a save leaves the previous checkpoint as the one to resume from.
+A tag whose manifest is missing or does not match its files is not a checkpoint: a save
+cut short, a truncated or corrupted file, a file added or removed. Resume and export take
+the newest tag that verifies (naming each one skipped), and pruning never deletes a valid
+tag while keeping a broken one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -22,11 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from pretrain.engine.runtime import barrier
+from pretrain.errors import UserError
 
 LATEST = "latest"
 RUN_STATE = "run_state.json"
+MANIFEST = "manifest.json"
 _TAG = re.compile(r"^step(\d{8})$")
 
 
@@ -34,13 +46,123 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def latest_tag(directory: str | Path) -> str | None:
-    """The tag `latest` names, if that checkpoint exists."""
-    pointer = Path(directory) / LATEST
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    return tag if (Path(directory) / tag).is_dir() else None
+# -- integrity -------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(tag_dir: Path) -> set[str]:
+    return {p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*") if p.is_file()} - {
+        MANIFEST
+    }
+
+
+def write_manifest(tag_dir: Path) -> None:
+    """Record every file of a finished save: its size and SHA-256."""
+    files = {
+        name: {"bytes": (tag_dir / name).stat().st_size, "sha256": _sha256(tag_dir / name)}
+        for name in sorted(_files(tag_dir))
+    }
+    _write_atomically(tag_dir / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
+
+
+def verify(tag_dir: Path, hashes: bool = True) -> str | None:
+    """None when `tag_dir` is a whole checkpoint, else what is wrong with it. Without
+    `hashes`, only names and sizes are checked (enough to tell a save cut short)."""
+    try:
+        entries = json.loads((tag_dir / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (a save that did not finish)"
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    present = _files(tag_dir)
+    if missing := sorted(set(entries) - present):
+        return f"missing {', '.join(missing)}"
+    if extra := sorted(present - set(entries)):
+        return f"files its manifest does not list: {', '.join(extra)}"
+    for name, entry in entries.items():
+        size = (tag_dir / name).stat().st_size
+        if size != entry["bytes"]:
+            return f"{name} is {size} bytes, its manifest says {entry['bytes']}"
+        if hashes and _sha256(tag_dir / name) != entry["sha256"]:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def step_tags(directory: Path) -> list[str]:
+    """Every step folder under `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.is_dir() and _TAG.match(p.name))
+
+
+def newest_valid(directory: str | Path) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest tag that verifies, and the (tag, problem) of each newer one skipped."""
+    directory, skipped = Path(directory), []
+    for tag in reversed(step_tags(directory)):
+        problem = verify(directory / tag)
+        if problem is None:
+            return tag, skipped
+        skipped.append((tag, problem))
+    return None, skipped
+
+
+def has_checkpoint(directory: str | Path) -> bool:
+    """A whole checkpoint (names and sizes) exists under `directory`."""
+    return any(
+        verify(Path(directory) / t, hashes=False) is None for t in step_tags(Path(directory))
+    )
+
+
+def check_tag(directory: str | Path, tag: str) -> None:
+    """An explicitly requested tag must exist and verify."""
+    tags = step_tags(Path(directory))
+    if tag not in tags:
+        available = ", ".join(tags) or "none"
+        raise UserError(f"checkpoint tag {tag!r} not found in {directory}; available: {available}")
+    if problem := verify(Path(directory) / tag):
+        raise UserError(f"checkpoint {Path(directory) / tag} does not verify: {problem}")
+
+
+# -- loading without unpickling code ----------------------------------------------------
+
+# The only classes DeepSpeed's checkpoint files hold besides tensors and plain containers
+# (found with torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3, fp32,
+# bf16 and fp16 saves): each is rebuilt from data, none runs code of the file's choosing.
+SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | Path, map_location=None) -> Any:
+    """torch.load with `weights_only=True` and only `SAFE_GLOBALS` allowed; anything else in
+    the file is one clear error, and nothing in it runs."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise refused(path, err) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+
+
+def refused(path: str | Path, err: pickle.UnpicklingError) -> UserError:
+    """The one line for a file that a weights-only load refused, naming what it holds."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(err))
+    what = f"it names {named.group(1)}" if named else str(err).splitlines()[0]
+    return UserError(
+        f"refusing to load {path}: it holds objects other than tensors and plain data"
+        f" ({what}); it was not written by this stack"
+    )
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, with every load through `safe_load` (its own
+    loads unpickle with weights_only=False)."""
+
+    def load(self, path: str, map_location=None):
+        return safe_load(path, map_location)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -68,9 +190,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _prune(directory: Path, keep_last: int) -> None:
-    tags = sorted(p.name for p in directory.iterdir() if p.is_dir() and _TAG.match(p.name))
-    for tag in tags[:-keep_last]:
-        shutil.rmtree(directory / tag, ignore_errors=True)
+    """Keep the newest `keep_last` valid tags. A broken tag goes only once a newer valid one
+    exists; one newer than every valid tag is left for a person to look at."""
+    tags = step_tags(directory)
+    valid = [t for t in tags if verify(directory / t, hashes=False) is None]
+    if not valid:
+        return
+    keep, newest = set(valid[-keep_last:]), valid[-1]
+    for tag in tags:
+        if tag not in keep and tag < newest:
+            shutil.rmtree(directory / tag, ignore_errors=True)
 
 
 def save(
@@ -78,12 +207,16 @@ def save(
 ) -> str:
     """Save on every rank; returns the tag. `run_state` must be JSON-serialisable."""
     directory, tag = Path(directory), tag_for(step)
+    if rank == 0 and (directory / tag).exists():
+        shutil.rmtree(directory / tag)  # a broken save of this step from an earlier run
+    barrier()
     engine.save_checkpoint(str(directory), tag=tag, client_state=run_state, save_latest=False)
     torch.save(_rng_state(), directory / tag / f"rng_rank{rank}.pt")
     if rank == 0:
         (directory / tag / RUN_STATE).write_text(json.dumps(run_state, indent=2) + "\n")
-    barrier()  # every rank's files are on disk before `latest` moves
+    barrier()  # every rank's files are on disk before the manifest is written
     if rank == 0:
+        write_manifest(directory / tag)
         _write_atomically(directory / LATEST, tag)
         _prune(directory, keep_last)
     barrier()
@@ -98,9 +231,11 @@ def read_run_state(directory: str | Path, tag: str) -> dict:
 def load(engine, directory: str | Path, tag: str, rank: int) -> None:
     """Load model, optimizer, scheduler and this rank's RNG state into `engine`."""
     directory = Path(directory)
+    if not isinstance(engine.checkpoint_engine, SafeCheckpointEngine):
+        engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
     engine.load_checkpoint(
         str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     rng = directory / tag / f"rng_rank{rank}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=True))
+        _set_rng_state(safe_load(rng))

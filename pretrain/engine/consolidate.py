@@ -2,7 +2,7 @@
 without unpickling arbitrary objects.
 
 DeepSpeed's own zero_to_fp32 does the consolidation; every `torch.load` it makes runs with
-`weights_only=True` and an allowlist of the three plain data classes DeepSpeed puts into
+`weights_only=True` and an allowlist of the few plain data classes DeepSpeed puts into
 its optimizer files, so a checkpoint folder cannot execute code when it is read.
 """
 
@@ -10,25 +10,30 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
 import torch
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import zero_to_fp32
-from deepspeed.utils.tensor_fragment import fragment_address
 
 from pretrain.config import ModelConfig, from_dict
 from pretrain.data.tokenizer import MODEL_FILE, Tokenizer
-from pretrain.engine.checkpoint import LATEST, RUN_STATE, latest_tag, read_run_state
+from pretrain.engine.checkpoint import (
+    LATEST,
+    RUN_STATE,
+    SAFE_GLOBALS,
+    check_tag,
+    newest_valid,
+    read_run_state,
+    refused,
+)
 from pretrain.errors import UserError
 from pretrain.export.native import check_state
 from pretrain.model import SharedTransformer
 
-SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
 _torch_load = torch.load
 
 
@@ -47,11 +52,7 @@ def fp32_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Ten
     try:
         return _fp32_state_dict(Path(checkpoint_dir), tag)
     except pickle.UnpicklingError as err:
-        reason = str(err).split("WeightsUnpickler error: ")[-1].split(".")[0]
-        raise UserError(
-            f"refusing to load {Path(checkpoint_dir) / tag}: it holds objects other than"
-            f" tensors and plain data ({reason})"
-        ) from None
+        raise refused(Path(checkpoint_dir) / tag, err) from None
 
 
 def _fp32_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -103,17 +104,26 @@ def _tokenizer_for(run_state: dict, override: str | Path | None, where: str) -> 
     )
 
 
+def newest_valid_tag(folder: Path) -> str:
+    """The newest checkpoint in `folder` that verifies; each newer one skipped is named."""
+    tag, skipped = newest_valid(folder)
+    for bad, problem in skipped:
+        print(f"warning: skipping checkpoint {folder / bad}: {problem}", file=sys.stderr)
+    if tag is None:
+        why = "each one was skipped above" if skipped else "it holds none"
+        raise UserError(f"no checkpoint in {folder} verifies: {why}")
+    return tag
+
+
 def read_checkpoint(
     path: str | Path, tag: str | None = None, tokenizer: str | Path | None = None
 ) -> TrainedModel:
     """Consolidated fp32 weights, model config and tokenizer of a training checkpoint."""
     folder = checkpoint_folder(path)
-    tag = tag or latest_tag(folder)
-    tags = sorted(p.parent.name for p in folder.glob("step*/" + RUN_STATE))
-    if tag is None or tag not in tags:
-        raise UserError(
-            f"checkpoint tag {tag!r} not found in {folder}; available: {', '.join(tags) or 'none'}"
-        )
+    if tag is None:
+        tag = newest_valid_tag(folder)
+    else:
+        check_tag(folder, tag)
     where = str(folder / tag)
     run_state = read_run_state(folder, tag)
     cfg = from_dict(ModelConfig, run_state["config"]["model"], "model")

@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import deepspeed
 import torch
@@ -89,6 +90,13 @@ def mean_across_ranks(values: Mapping[str, float], device: torch.device) -> dict
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` from rank `src` on every rank (small picklable values between our own ranks)."""
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -1,0 +1,159 @@
+"""Fault injection: every file a run reads is verified before it is trusted.
+
+Run alone with `pytest -m faults`. One short 2-rank run is shared; each test breaks a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_process
+from test_train import env, launch_args, train
+
+from pretrain.engine import checkpoint
+from pretrain.engine.checkpoint import MANIFEST, verify, write_manifest
+
+pytestmark = pytest.mark.faults
+
+STEP2, STEP4 = "step00000002", "step00000004"
+
+
+@pytest.fixture(scope="module")
+def run4(shards_dir, tmp_path_factory) -> Path:
+    """4 steps, ZeRO-2, a checkpoint every 2 steps: step00000002 and step00000004."""
+    out = tmp_path_factory.mktemp("run4")
+    train(shards_dir, out, "--train.max_steps=4", "--checkpoint.every=2", "--engine.zero_stage=2")
+    return out
+
+
+@pytest.fixture
+def run(run4, tmp_path) -> Path:
+    """A copy of the shared run to break."""
+    copy = tmp_path / "run"
+    shutil.copytree(run4, copy)
+    return copy
+
+
+def broken_copy(ckpt: Path, source: str, tag: str) -> Path:
+    """A copy of checkpoint `source` named `tag`, cut short as a killed save leaves it: one
+    optimizer file half-written."""
+    shutil.copytree(ckpt / source, ckpt / tag)
+    optim = next((ckpt / tag).glob("*optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])
+    return ckpt / tag
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_save_lists_every_file_and_each_fault_is_named(run):
+    tag_dir = run / "checkpoints" / STEP4
+    listed = set(json.loads((tag_dir / MANIFEST).read_text())["files"])
+    assert listed == {p.name for p in tag_dir.iterdir()} - {MANIFEST}
+    assert verify(tag_dir) is None
+    optim = next(tag_dir.glob("*optim_states.pt"))
+    flip_byte(optim)
+    assert verify(tag_dir, hashes=False) is None  # same size: only the hash tells
+    assert verify(tag_dir) == f"{optim.name} does not match its SHA-256"
+    optim.write_bytes(optim.read_bytes()[:100])
+    assert "is 100 bytes, its manifest says" in verify(tag_dir)
+    (tag_dir / "extra.pt").write_bytes(b"x")
+    optim.unlink()
+    assert verify(tag_dir) == f"missing {optim.name}"
+    shutil.copy(tag_dir / "extra.pt", optim)
+    assert "files its manifest does not list: extra.pt" in verify(tag_dir)
+    (tag_dir / MANIFEST).unlink()
+    assert verify(tag_dir) == "no manifest.json (a save that did not finish)"
+
+
+def test_pruning_keeps_valid_checkpoints_over_broken_ones(run):
+    ckpt = run / "checkpoints"
+    broken_copy(ckpt, STEP2, "step00000003")  # broken, older than the newest valid
+    broken_copy(ckpt, STEP4, "step00000009")  # broken, newer than every valid one
+    checkpoint._prune(ckpt, keep_last=1)
+    assert checkpoint.step_tags(ckpt) == [STEP4, "step00000009"]
+    # Only broken tags left beside one valid: the valid one stays whatever keep_last says.
+    shutil.rmtree(ckpt / STEP4)
+    checkpoint._prune(ckpt, keep_last=1)
+    assert checkpoint.step_tags(ckpt) == ["step00000009"]
+
+
+def test_resume_skips_a_broken_newer_save_and_pruning_removes_it(run, shards_dir):
+    ckpt = run / "checkpoints"
+    broken_copy(ckpt, STEP4, "step00000005")
+    result = train(
+        shards_dir,
+        run,
+        "--train.max_steps=6",
+        "--checkpoint.every=2",
+        "--checkpoint.keep_last=1",
+        "--engine.zero_stage=2",
+    )
+    warnings = [line for line in result.stderr.splitlines() if "skipping checkpoint" in line]
+    assert len(warnings) == 1 and "step00000005" in warnings[0] and "bytes" in warnings[0]
+    assert f"resumed from {ckpt / STEP4} at step 4" in result.stderr
+    # step 6 saved and verified; the valid step 4 and the broken step 5 are both gone.
+    assert checkpoint.step_tags(ckpt) == ["step00000006"]
+    assert verify(ckpt / "step00000006") is None
+
+
+def test_export_skips_a_broken_save_and_refuses_it_by_name(run, tmp_path, cli):
+    ckpt = run / "checkpoints"
+    broken_copy(ckpt, STEP4, "step00000006")
+    out = tmp_path / "native"
+    args = ("tools/convert_checkpoint.py", "--checkpoint", str(run), "--format", "native")
+    ok = cli(*args, "--output", str(out))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "warning: skipping checkpoint" in ok.stderr and "step00000006" in ok.stderr
+    bad = cli(*args, "--tag", "step00000006", "--output", str(tmp_path / "other"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert f"checkpoint {ckpt / 'step00000006'} does not verify" in bad.stderr
+    assert not (tmp_path / "other").exists()
+
+
+class Plant:
+    """Unpickling this runs a shell command that leaves a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize(
+    "pattern", ["mp_rank_00_model_states.pt", "*_optim_states.pt", "rng_rank*.pt"]
+)
+def test_a_planted_pickle_never_runs_on_resume(run, shards_dir, tmp_path, pattern):
+    """A file of each kind the resume path reads, replaced by a pickle that runs code, with
+    the manifest rewritten to match (whoever can write the folder can): the run refuses it
+    in one line, and the code never runs."""
+    tag_dir = run / "checkpoints" / STEP4
+    marker = tmp_path / "pwned"
+    for path in tag_dir.glob(pattern):
+        torch.save({"state": Plant(marker)}, path)
+    write_manifest(tag_dir)
+    result = run_process(
+        launch_args(
+            "tiny-albert.yaml",
+            shards_dir,
+            run,
+            "--train.max_steps=5",
+            "--checkpoint.every=2",
+            "--engine.zero_stage=2",
+        ),
+        env=env(),
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert not marker.exists()
+    assert "refusing to load" in result.stderr and "it names posix.system" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]

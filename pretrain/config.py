@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 import types
 import typing
@@ -409,12 +410,25 @@ class TrainConfig:
     on_nonfinite: Literal["skip", "stop"] = "skip"
     """A NaN/inf loss: skip that micro-batch's update and go on, or stop the run (the last
     checkpoint stays as it was)."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite=skip: stop with an error when this many optimizer steps in a row had
+    every micro-batch skipped (a diverged run). No checkpoint is written while steps are
+    being skipped, so `latest` stays the last sound state."""
+    replan_schedule: bool = False
+    """Allow resuming with LR-schedule settings (optim.lr, warmup_steps, decay, min_lr_ratio,
+    or max_steps under a decaying schedule) other than the checkpoint's: the LR is re-planned
+    from this config at the step reached. Without it such a resume is refused, since the
+    checkpoint carries its own schedule on (it would ignore the new settings)."""
     compile: bool = False
     """torch.compile each shared parameter set's block once (a set used by L layers is one
     compiled module, not L); ZeRO stages 0-2."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, f"train.max_steps ({self.max_steps}) must be >= 1")
+        _check(
+            self.max_skipped_steps >= 1,
+            f"train.max_skipped_steps ({self.max_skipped_steps}) must be >= 1",
+        )
         _check(self.eval_every >= 0, f"train.eval_every ({self.eval_every}) must be >= 0")
         _check(self.eval_steps >= 1, f"train.eval_steps ({self.eval_steps}) must be >= 1")
 
@@ -683,6 +697,7 @@ def main_guard(fn: typing.Callable[[], int | None]) -> typing.NoReturn:
     try:
         code = fn()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not err.collective or os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)

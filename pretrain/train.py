@@ -45,7 +45,15 @@ from pretrain.summary import account
 
 
 class NonFiniteLossError(UserError):
-    """A NaN/inf loss with train.on_nonfinite=stop."""
+    """A NaN/inf loss with train.on_nonfinite=stop, or too many skipped steps in a row."""
+
+    collective = True  # every rank takes part in the vote that finds it
+
+
+class ResumeError(ConfigError):
+    """A checkpoint this run cannot continue from (every rank reads the same run state)."""
+
+    collective = True
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -58,6 +66,19 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+SCHEDULE_KEYS = ("optim.lr", "optim.warmup_steps", "optim.decay", "optim.min_lr_ratio")
+
+
+def schedule_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
+    """(key, saved value, value now) of each LR-schedule setting this run changes.
+    max_steps shapes the schedule only when it decays."""
+    before, now = _flatten(saved["config"]), _flatten(cfg.to_dict())
+    keys = list(SCHEDULE_KEYS)
+    if cfg.optim.decay != "constant" or before["optim.decay"] != "constant":
+        keys.append("train.max_steps")
+    return [(k, before[k], now[k]) for k in keys if before[k] != now[k]]
+
+
 def check_resumable(saved: dict, cfg: Config, tokenizer_checksum: str, world: int, where: str):
     """A checkpoint continues only the same model on the same tokenizer and engine layout."""
     now = _flatten(to_dict(cfg.model), "model.")
@@ -65,18 +86,32 @@ def check_resumable(saved: dict, cfg: Config, tokenizer_checksum: str, world: in
     changed = [k for k in sorted(now) if before.get(k) != now[k]]
     if changed:
         k = changed[0]
-        raise ConfigError(
+        raise ResumeError(
             f"cannot resume from {where}: {k} is {before.get(k)!r} there and {now[k]!r} now;"
             " restore the model config or start a new train.output_dir"
         )
     if saved["tokenizer_checksum"] != tokenizer_checksum:
-        raise ConfigError(
+        raise ResumeError(
             f"cannot resume from {where}: it was trained on shards of another tokenizer;"
             " use the original data.path or a new train.output_dir"
         )
+    step = saved["step"]
+    if step > cfg.train.max_steps:
+        raise ResumeError(
+            f"cannot resume from {where}: it is at step {step}, past train.max_steps"
+            f" ({cfg.train.max_steps}); raise train.max_steps or start a new train.output_dir"
+        )
+    changed = schedule_changes(saved, cfg)
+    if changed and not cfg.train.replan_schedule:
+        key, before, now = changed[0]
+        raise ResumeError(
+            f"cannot resume from {where} with {key}={now!r}: its LR schedule was planned with"
+            f" {key}={before!r}; pass --train.replan_schedule=true to re-plan the LR from"
+            f" step {step} with the new settings, or restore {key}"
+        )
     stage = saved["config"]["engine"]["zero_stage"]
     if (saved["world_size"], stage) != (world, cfg.engine.zero_stage):
-        raise ConfigError(
+        raise ResumeError(
             f"cannot resume from {where}: it was saved by {saved['world_size']} ranks with ZeRO"
             f" stage {stage}, this run has {world} with stage {cfg.engine.zero_stage};"
             " resume with the same number of ranks and engine.zero_stage"
@@ -126,6 +161,8 @@ class Trainer:
             model.encoder.compile_blocks()
         self.engine = runtime.initialize(model, cfg, self.world)
         self.step, self.consumed, self.last_saved = 0, 0, -1
+        self.last_saved_tag: str | None = None
+        self.skipped_in_row = 0
         self._resume()
         self.first_step = self.step
         self.flops_per_token = account(cfg).flops_per_token
@@ -184,6 +221,7 @@ class Trainer:
             self._print(f"warning: skipping checkpoint {self.ckpt_dir / bad}: {problem}")
         if tag is None:
             return
+        self.last_saved_tag = tag
         where = str(self.ckpt_dir / tag)
         state = checkpoint.read_run_state(self.ckpt_dir, tag)
         check_resumable(
@@ -193,9 +231,18 @@ class Trainer:
         self.step, self.consumed = state["step"], state["consumed_samples"]
         self.last_saved = self.step
         self._print(f"resumed from {where} at step {self.step} ({self.consumed} samples)")
+        if changed := schedule_changes(state, self.cfg):
+            lr = runtime.replan_schedule(self.engine, self.step, self.cfg.optim.lr)
+            keys = ", ".join(key for key, _, _ in changed)
+            self._print(f"LR schedule re-planned ({keys} changed): lr {lr:.3g} at step {self.step}")
+        if self.step == self.cfg.train.max_steps:
+            self._print(f"already at train.max_steps ({self.step}): nothing left to train")
 
     def save(self) -> None:
         if self.last_saved == self.step:
+            return
+        if self.skipped_in_row:  # the weights may have diverged: keep the last sound state
+            self._print(f"step {self.step}: not saving while steps are skipped as non-finite")
             return
         tag = checkpoint.save(
             self.engine,
@@ -205,7 +252,7 @@ class Trainer:
             self.cfg.checkpoint.keep_last,
             self.world.rank,
         )
-        self.last_saved = self.step
+        self.last_saved, self.last_saved_tag = self.step, tag
         self._print(f"saved checkpoint {self.ckpt_dir / tag}")
 
     def _print(self, message: str) -> None:
@@ -304,10 +351,22 @@ class Trainer:
             metrics = self.train_step(loader)
             self.step += 1
             self.consumed += per_step
+            self._count_skipped(metrics)
             self._after_step(metrics, per_step, time.perf_counter() - start)
         self.save()
         self._print(self.logger.summary())
         return 0
+
+    def _count_skipped(self, step: StepMetrics) -> None:
+        """Steps in a row with every micro-batch skipped; too many is a diverged run."""
+        self.skipped_in_row = 0 if step.done else self.skipped_in_row + 1
+        if self.skipped_in_row >= self.cfg.train.max_skipped_steps:
+            where = f"{self.ckpt_dir / self.last_saved_tag}" if self.last_saved_tag else "none"
+            raise NonFiniteLossError(
+                f"the last {self.skipped_in_row} steps (to step {self.step}) all had non-finite"
+                f" losses: the run diverged; stopped without saving (last checkpoint: {where});"
+                " lower optim.lr, or raise train.max_skipped_steps"
+            )
 
     def _after_step(self, step: StepMetrics, samples: int, seconds: float) -> None:
         cfg = self.cfg

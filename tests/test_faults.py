@@ -15,8 +15,10 @@ import torch
 from conftest import run_process
 from test_train import env, launch_args, train
 
+from pretrain.config import OptimConfig
 from pretrain.engine import checkpoint
 from pretrain.engine.checkpoint import MANIFEST, verify, write_manifest
+from pretrain.engine.optim import lr_factor
 
 pytestmark = pytest.mark.faults
 
@@ -157,3 +159,61 @@ def test_a_planted_pickle_never_runs_on_resume(run, shards_dir, tmp_path, patter
     assert not marker.exists()
     assert "refusing to load" in result.stderr and "it names posix.system" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def resume(run: Path, shards_dir: Path, *overrides: str):
+    """The shared run's config, continued in `run` with `overrides`; any exit status."""
+    args = launch_args(
+        "tiny-albert.yaml", shards_dir, run, "--checkpoint.every=2", "--engine.zero_stage=2"
+    )
+    return run_process([*args, *overrides], env=env(), timeout=300)
+
+
+def one_error(result) -> str:
+    """The job's single error line (rank 0 speaks for a failure every rank shares)."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_requests_that_cannot_be_honoured_are_errors(run, shards_dir):
+    line = one_error(resume(run, shards_dir, "--train.max_steps=3"))
+    assert "it is at step 4, past train.max_steps (3)" in line
+    # A decaying schedule was planned for 4 steps: going on to 8 needs to be asked for.
+    line = one_error(resume(run, shards_dir, "--train.max_steps=8", "--optim.decay=linear"))
+    assert "with optim.decay='linear'" in line and "--train.replan_schedule=true" in line
+    # The checkpoint would carry its own LR on: a new one must be asked for.
+    line = one_error(resume(run, shards_dir, "--train.max_steps=8", "--optim.lr=0.001"))
+    assert "planned with optim.lr=0.003" in line
+    assert checkpoint.step_tags(run / "checkpoints") == [STEP2, STEP4]  # nothing touched
+
+
+def test_an_extended_schedule_is_replanned_from_the_step_reached(run, shards_dir):
+    decay = ["--optim.decay=linear", "--optim.min_lr_ratio=0.1", "--optim.warmup_steps=0"]
+    result = resume(run, shards_dir, "--train.max_steps=8", "--train.replan_schedule=true", *decay)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = OptimConfig(lr=0.003, warmup_steps=0, decay="linear", min_lr_ratio=0.1)
+    assert f"lr {0.003 * lr_factor(4, cfg, 8):.3g} at step 4" in result.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["lr"] for r in rows if r["step"] > 4 and "lr" in r}
+    # The LR logged after update k is the one the next update uses: the new schedule's.
+    assert logged == {k: pytest.approx(0.003 * lr_factor(k, cfg, 8)) for k in range(5, 9)}
+
+
+def test_a_diverged_run_stops_and_keeps_the_last_sound_checkpoint(run, shards_dir):
+    """lr 1e30 from step 4 on: every later loss is non-finite, so no step is taken; after
+    3 such steps the run ends in one line, having saved nothing of the diverged state."""
+    result = resume(
+        run,
+        shards_dir,
+        "--train.max_steps=40",
+        "--train.max_skipped_steps=3",
+        "--optim.lr=1e30",
+        "--optim.grad_clip=0",
+        "--train.replan_schedule=true",
+    )
+    line = one_error(result)
+    assert "all had non-finite losses: the run diverged" in line
+    assert f"last checkpoint: {run / 'checkpoints' / STEP4}" in line
+    assert checkpoint.newest_valid(run / "checkpoints")[0] == STEP4

@@ -81,6 +81,21 @@ def initialize(model: nn.Module, cfg: Config, world: World):
     return engine
 
 
+def replan_schedule(engine, step: int, lr: float) -> float:
+    """After resuming with new schedule settings: the LR scheduler's factor was rebuilt from
+    this run's config, but its base LR and the optimizer's current LR came from the
+    checkpoint. Put the new `lr` and the new schedule's value at `step` in their place.
+    Returns the LR of the next update."""
+    scheduler = engine.lr_scheduler
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [lr] * len(groups)
+    for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(step)
+    scheduler._last_lr = [group["lr"] for group in groups]
+    return scheduler._last_lr[0]
+
+
 def mean_across_ranks(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
     """Average a dict of numbers over all ranks (one all-reduce)."""
     keys = sorted(values)

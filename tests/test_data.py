@@ -95,6 +95,7 @@ def test_preprocess_writes_shards_and_metadata(shards_dir, tokenizer_dir):
         "first_problem": {},
         "ignored_files": [],
         "replaced_utf8": 0,
+        "decoded": {},
         "skipped": {},
     }
     shards = TokenShards(shards_dir, "train")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from conftest import run_process
 from test_train import env, launch_args, train
 
 from pretrain.config import OptimConfig
+from pretrain.data.preprocess import METADATA
+from pretrain.data.shards import TokenShards
+from pretrain.data.tokenizer import Tokenizer
 from pretrain.engine import checkpoint
 from pretrain.engine.checkpoint import MANIFEST, verify, write_manifest
 from pretrain.engine.optim import lr_factor
@@ -217,3 +221,67 @@ def test_a_diverged_run_stops_and_keeps_the_last_sound_checkpoint(run, shards_di
     assert "all had non-finite losses: the run diverged" in line
     assert f"last checkpoint: {run / 'checkpoints' / STEP4}" in line
     assert checkpoint.newest_valid(run / "checkpoints")[0] == STEP4
+
+
+# -- corpora -------------------------------------------------------------------------------
+
+VERSE = "Now is the winter of our discontent\nMade glorious summer by this sun of York.\n" * 20
+
+
+def test_bytes_that_are_not_text_never_train_a_tokenizer(tmp_path, tokenizer_dir, cli):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "noise.txt").write_bytes(random.Random(0).randbytes(20_000))
+    (corpus / "noise.jsonl").write_text(json.dumps({"text": "\x00\x01\x02" * 50}) + "\n")
+    (corpus / "verse.txt").write_text(VERSE)
+    tok = cli(
+        "tokenizer/train.py",
+        "--input",
+        str(corpus),
+        "--vocab-size",
+        "60",
+        "--output",
+        str(tmp_path / "tok"),
+    )
+    assert tok.returncode == 2 and "Traceback" not in tok.stderr
+    assert "most of the input is not text: 2 documents" in tok.stderr
+    assert "against 1 of text" in tok.stderr
+    assert not (tmp_path / "tok").exists()
+    shards = cli(
+        "tools/preprocess.py",
+        "--input",
+        str(corpus),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--output",
+        str(tmp_path / "shards"),
+    )
+    assert shards.returncode == 2 and "most of the input is not text" in shards.stderr
+    assert not (tmp_path / "shards").exists()
+
+
+def test_utf16_and_utf32_files_are_decoded_and_counted(tmp_path, tokenizer_dir, cli):
+    """The same verse as UTF-8, UTF-16 (with and without a byte-order mark) and UTF-32:
+    four documents of identical tokens, not one of text and three of <unk>."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, encoding in [("a", "utf-8"), ("b", "utf-16"), ("c", "utf-16-le"), ("d", "utf-32")]:
+        (corpus / f"{name}.txt").write_bytes(VERSE.encode(encoding))
+    out = tmp_path / "shards"
+    result = cli(
+        "tools/preprocess.py",
+        "--input",
+        str(corpus),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--output",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    read = json.loads((out / METADATA).read_text())["read"]
+    assert read["decoded"] == {"utf-16": 2, "utf-32": 1} and read["skipped"] == {}
+    shards = TokenShards(out, "train")
+    docs = [shards.document_tokens(i).tolist() for i in range(shards.num_documents)]
+    assert len(docs) == 4 and all(doc == docs[0] for doc in docs)
+    first_line = Tokenizer(tokenizer_dir).encode([VERSE.split("\n")[0]])[0]
+    assert docs[0][: len(first_line)] == first_line  # the text itself, not <unk>

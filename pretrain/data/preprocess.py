@@ -219,6 +219,7 @@ def preprocess(
                 "skipped": dict(sorted(report.skipped.items())),
                 "first_problem": dict(sorted(report.first_problem.items())),
                 "replaced_utf8": report.replaced_utf8,
+                "decoded": dict(sorted(report.decoded.items())),
                 "ignored_files": report.ignored_files,
             },
         }

@@ -8,7 +8,9 @@ makes the whole input unusable is a `DataError` naming the file and the fix.
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ class ReadReport:
     """Rows left out, by reason (malformed_json, missing_text_field, empty, ...)."""
     replaced_utf8: int = 0
     """Documents whose undecodable (non-UTF-8) bytes were replaced by U+FFFD."""
+    decoded: Counter = field(default_factory=Counter)
+    """Files read in an encoding other than UTF-8 (found by byte-order mark or NUL bytes)."""
     first_problem: dict[str, str] = field(default_factory=dict)
     """Where each skip reason was first seen (file:line), to point the user at it."""
     ignored_files: list[str] = field(default_factory=list)
@@ -51,6 +55,8 @@ class ReadReport:
             parts.append(f"skipped {n} ({reason}, first at {self.first_problem[reason]})")
         if self.replaced_utf8:
             parts.append(f"{self.replaced_utf8} documents had non-UTF-8 bytes replaced")
+        for encoding, n in sorted(self.decoded.items()):
+            parts.append(f"{n} files decoded as {encoding}")
         if self.ignored_files:
             parts.append(f"ignored {len(self.ignored_files)} files of unsupported type")
         return "; ".join(parts)
@@ -94,12 +100,67 @@ def expand_inputs(paths: Iterable[str | Path], report: ReadReport) -> list[Path]
     return out
 
 
+# Byte-order marks, longest first: UTF-32-LE's begins with UTF-16-LE's.
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+# A document is not text when more than this share of its characters are U+FFFD or control
+# characters other than whitespace: random bytes decoded as UTF-8 come out about 60 % so
+# (an image, a zip renamed .txt), while Latin-1 text, whose accented letters each become
+# one U+FFFD, stays far below (27 % for "Café crème" over and over).
+MAX_NON_TEXT = 0.3
+_NON_TEXT = re.compile("[\ufffd\x00-\x08\x0e-\x1f\x7f]")
+
+
+def _wide_encoding(data: bytes) -> str | None:
+    """UTF-16/32 without a byte-order mark, told by where its NUL bytes fall (the high bytes
+    of ASCII characters); None for anything else."""
+    sample = data[:4096]
+    if len(sample) < 8 or sample.count(0) < len(sample) // 4:
+        return None
+
+    def nul(offset: int, step: int) -> bool:
+        column = sample[offset::step]
+        return column.count(0) >= 0.9 * len(column)
+
+    for encoding, step, nuls, text in (
+        ("utf-32-le", 4, (1, 2, 3), 0),
+        ("utf-32-be", 4, (0, 1, 2), 3),
+        ("utf-16-le", 2, (1,), 0),
+        ("utf-16-be", 2, (0,), 1),
+    ):
+        if all(nul(i, step) for i in nuls) and not nul(text, step):
+            return encoding
+    return None
+
+
 def _decode(data: bytes, report: ReadReport) -> str:
+    """Text of a file: UTF-8, or UTF-16/32 when a byte-order mark or the NUL pattern says
+    so (counted); undecodable UTF-8 bytes become U+FFFD (counted)."""
+    encoding = next((enc for bom, enc in BOMS if data.startswith(bom)), None)
+    encoding = encoding or _wide_encoding(data)
+    if encoding not in (None, "utf-8-sig"):
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            pass  # not that encoding after all: judged as bytes below
+        else:
+            report.decoded[encoding.removesuffix("-le").removesuffix("-be")] += 1
+            return text
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         report.replaced_utf8 += 1
-        return data.decode("utf-8", errors="replace")
+        return data.decode("utf-8-sig", errors="replace")
+
+
+def _non_text_share(text: str) -> float:
+    sample = text[:100_000]
+    return len(_NON_TEXT.findall(sample)) / max(len(sample), 1)
 
 
 def _check_text(value: object, where: str, report: ReadReport) -> str | None:
@@ -110,6 +171,8 @@ def _check_text(value: object, where: str, report: ReadReport) -> str | None:
         report.skip("non_string_text", where)
     elif not value.strip():
         report.skip("empty", where)
+    elif _non_text_share(value) > MAX_NON_TEXT:
+        report.skip("not_text", where)
     else:
         return value
     return None
@@ -218,3 +281,10 @@ def iter_documents(
         for doc in docs:
             report.documents += 1
             yield doc
+    not_text = report.skipped["not_text"]
+    if not_text and not_text >= report.documents:
+        raise DataError(
+            f"most of the input is not text: {not_text} documents of binary or undecodable"
+            f" bytes (first at {report.first_problem['not_text']}) against {report.documents}"
+            " of text; point the input at text files (UTF-8, or UTF-16/32)"
+        )

@@ -21,6 +21,7 @@ import numpy as np
 import sentencepiece as spm
 
 from pretrain.data.sources import DataError
+from pretrain.errors import UserError
 
 MODEL_FILE = "spiece.model"
 VOCAB_FILE = "spiece.vocab"
@@ -133,9 +134,19 @@ def train_tokenizer(
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     names = list(SPECIAL_PIECES)
+    # SentencePiece turns an exception from its iterator into a RuntimeError holding a
+    # traceback; a bad input found while reading ends the iterator and is raised after.
+    failures: list[UserError] = []
+
+    def sentences() -> Iterator[str]:
+        try:
+            yield from _sentences(texts)
+        except UserError as err:
+            failures.append(err)
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(texts),
+            sentence_iterator=sentences(),
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -156,10 +167,14 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as err:
+        if failures:
+            raise failures[0] from None
         message = str(err).splitlines()[-1]
         if "Vocabulary size is too high" in message or "vocab_size" in message:
             raise DataError(f"cannot train the tokenizer: {message}; lower --vocab-size") from None
         raise DataError(f"cannot train the tokenizer: {message}") from None
+    if failures:
+        raise failures[0]
     output.mkdir(parents=True, exist_ok=True)
     (output / MODEL_FILE).write_bytes(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())

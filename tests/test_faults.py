@@ -228,6 +228,11 @@ def test_a_diverged_run_stops_and_keeps_the_last_sound_checkpoint(run, shards_di
 VERSE = "Now is the winter of our discontent\nMade glorious summer by this sun of York.\n" * 20
 
 
+def preprocess(cli, corpus: Path, tokenizer_dir: Path, out: Path):
+    args = ("--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--output", str(out))
+    return cli("tools/preprocess.py", *args)
+
+
 def test_bytes_that_are_not_text_never_train_a_tokenizer(tmp_path, tokenizer_dir, cli):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -247,15 +252,7 @@ def test_bytes_that_are_not_text_never_train_a_tokenizer(tmp_path, tokenizer_dir
     assert "most of the input is not text: 2 documents" in tok.stderr
     assert "against 1 of text" in tok.stderr
     assert not (tmp_path / "tok").exists()
-    shards = cli(
-        "tools/preprocess.py",
-        "--input",
-        str(corpus),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--output",
-        str(tmp_path / "shards"),
-    )
+    shards = preprocess(cli, corpus, tokenizer_dir, tmp_path / "shards")
     assert shards.returncode == 2 and "most of the input is not text" in shards.stderr
     assert not (tmp_path / "shards").exists()
 
@@ -268,15 +265,7 @@ def test_utf16_and_utf32_files_are_decoded_and_counted(tmp_path, tokenizer_dir, 
     for name, encoding in [("a", "utf-8"), ("b", "utf-16"), ("c", "utf-16-le"), ("d", "utf-32")]:
         (corpus / f"{name}.txt").write_bytes(VERSE.encode(encoding))
     out = tmp_path / "shards"
-    result = cli(
-        "tools/preprocess.py",
-        "--input",
-        str(corpus),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--output",
-        str(out),
-    )
+    result = preprocess(cli, corpus, tokenizer_dir, out)
     assert result.returncode == 0, result.stderr
     read = json.loads((out / METADATA).read_text())["read"]
     assert read["decoded"] == {"utf-16": 2, "utf-32": 1} and read["skipped"] == {}

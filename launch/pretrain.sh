@@ -8,7 +8,7 @@
 #   NUM_NODES    nodes to use from HOSTFILE (default: all of them)
 #   HOSTFILE     deepspeed hostfile ("host slots=N" per line) for multi-node runs
 #   MASTER_ADDR  address of rank 0 (default: the launcher's choice)
-#   MASTER_PORT  rendezvous port (default: the launcher's, 29500)
+#   MASTER_PORT  rendezvous port (default: a free one; one busy here is an error)
 #   PYTHON       interpreter (default: the project's .venv, else python3)
 #
 # `deepspeed --no_python launch/pretrain.sh CONFIG` also works: started once per rank
@@ -57,11 +57,30 @@ launcher=("$python" -m deepspeed.launcher.runner --num_gpus "$num_gpus")
 [ -n "${HOSTFILE:-}" ] && launcher+=(--hostfile "$HOSTFILE")
 [ -n "${NUM_NODES:-}" ] && launcher+=(--num_nodes "$NUM_NODES")
 [ -n "${MASTER_ADDR:-}" ] && launcher+=(--master_addr "$MASTER_ADDR")
+# The rendezvous port: rank 0 listens on it. On one machine (no HOSTFILE), check the port
+# now (a busy one is one line here, not a bare EADDRINUSE per rank) or pick a free one.
+if [ -z "${HOSTFILE:-}" ]; then
+  MASTER_PORT=$("$python" - "${MASTER_PORT:-}" <<'PY'
+import socket, sys
+wanted = int(sys.argv[1]) if sys.argv[1] else 0
+with socket.socket() as s:
+    try:
+        s.bind(("", wanted))
+    except OSError:
+        sys.exit(f"error: MASTER_PORT {wanted} is in use on this machine (another job?);"
+                 " choose another, or leave MASTER_PORT unset to pick a free one")
+    print(s.getsockname()[1])
+PY
+) || exit 2
+fi
 [ -n "${MASTER_PORT:-}" ] && launcher+=(--master_port "$MASTER_PORT")
 
 # DeepSpeed's single-node runner does not pass SIGTERM/SIGINT on to the ranks, so this
 # script does: every rank then saves a checkpoint and exits (as under SLURM, where each
-# task receives the signal itself).
+# task receives the signal itself). Only the ranks get it: the runner would exit at once
+# and leave them saving after this script had returned, so whatever supervises the job
+# would think it over while the save still ran. This script exits when the runner does,
+# after every rank, with its status.
 descendants() {
   local child
   for child in $(pgrep -P "$1"); do
@@ -70,8 +89,12 @@ descendants() {
   done
 }
 forward() {
-  # shellcheck disable=SC2046
-  kill -s "$1" $(descendants $$) 2>/dev/null || true
+  local pid
+  for pid in $(descendants $$); do
+    case "$(ps -o args= -p "$pid" 2>/dev/null)" in
+      *"$train --local_rank="*) kill -s "$1" "$pid" 2>/dev/null || true ;;
+    esac
+  done
 }
 
 "${launcher[@]}" "$train" --config "$config" "${overrides[@]}" &

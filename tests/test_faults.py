@@ -5,16 +5,20 @@ Run alone with `pytest -m faults`. One short 2-rank run is shared; each test bre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_process
-from test_train import env, launch_args, train
+from test_train import env, launch_args, train, wait_for_step
 
 from pretrain.config import OptimConfig
 from pretrain.data.preprocess import METADATA
@@ -274,3 +278,70 @@ def test_utf16_and_utf32_files_are_decoded_and_counted(tmp_path, tokenizer_dir, 
     assert len(docs) == 4 and all(doc == docs[0] for doc in docs)
     first_line = Tokenizer(tokenizer_dir).encode([VERSE.split("\n")[0]])[0]
     assert docs[0][: len(first_line)] == first_line  # the text itself, not <unk>
+
+
+# -- the launcher ----------------------------------------------------------------------------
+
+
+def rank_processes(out: Path) -> list:
+    import psutil
+
+    def is_rank(p) -> bool:
+        try:
+            command = " ".join(p.cmdline())
+        except psutil.Error:
+            return False
+        return "--local_rank=" in command and f"--train.output_dir={out}" in command
+
+    return [p for p in psutil.process_iter() if is_rank(p)]
+
+
+def test_sigterm_to_the_launcher_returns_only_after_the_ranks_saved(shards_dir, tmp_path, spawn):
+    """A container stop or a scheduler signals the launcher, not the ranks: it passes the
+    signal on and returns only when every rank has saved and exited, with their status."""
+    out = tmp_path / "run"
+    process = spawn(
+        launch_args("tiny-albert.yaml", shards_dir, out, "--train.max_steps=100000"),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_step(out, 3, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert rank_processes(out) == []  # none still running, saving or not
+    assert "signal received: saving a checkpoint" in stderr
+    tag, skipped = checkpoint.newest_valid(out / "checkpoints")
+    assert tag is not None and skipped == []
+
+
+def test_a_busy_port_is_one_line_and_the_default_port_is_free(shards_dir, tmp_path):
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        busy = run_process(
+            launch_args("tiny-albert.yaml", shards_dir, tmp_path / "a", "--train.max_steps=2"),
+            env={**env(), "MASTER_PORT": str(port)},
+            timeout=120,
+        )
+        assert busy.returncode == 2 and not (tmp_path / "a").exists()
+        assert busy.stderr.strip() == (
+            f"error: MASTER_PORT {port} is in use on this machine (another job?); choose"
+            " another, or leave MASTER_PORT unset to pick a free one"
+        )
+    # Without MASTER_PORT the launcher picks a free port: another job on DeepSpeed's
+    # default port (29500) does not stop it.
+    with socket.socket() as default:
+        with contextlib.suppress(OSError):  # already taken: busy all the same
+            default.bind(("", 29500))
+            default.listen()
+        no_port = {k: v for k, v in env().items() if k != "MASTER_PORT"}
+        result = run_process(
+            launch_args("tiny-albert.yaml", shards_dir, tmp_path / "b", "--train.max_steps=2"),
+            env=no_port,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_process
-from test_train import env, launch_args, train, wait_for_step
+from test_train import env, launch_args, losses, train, wait_for_step
 
 from pretrain.config import OptimConfig
 from pretrain.data.preprocess import METADATA
@@ -296,7 +296,9 @@ def rank_processes(out: Path) -> list:
     return [p for p in psutil.process_iter() if is_rank(p)]
 
 
-def test_sigterm_to_the_launcher_returns_only_after_the_ranks_saved(shards_dir, tmp_path, spawn):
+def test_sigterm_to_the_launcher_returns_after_the_ranks_saved_and_resumes(
+    shards_dir, tmp_path, spawn
+):
     """A container stop or a scheduler signals the launcher, not the ranks: it passes the
     signal on and returns only when every rank has saved and exited, with their status."""
     out = tmp_path / "run"
@@ -315,6 +317,11 @@ def test_sigterm_to_the_launcher_returns_only_after_the_ranks_saved(shards_dir, 
     assert "signal received: saving a checkpoint" in stderr
     tag, skipped = checkpoint.newest_valid(out / "checkpoints")
     assert tag is not None and skipped == []
+    saved = int(tag.removeprefix("step"))
+    assert saved >= 3
+    resumed = train(shards_dir, out, f"--train.max_steps={saved + 2}")
+    assert f"at step {saved}" in resumed.stderr
+    assert max(losses(out)) == saved + 2
 
 
 def test_a_busy_port_is_one_line_and_the_default_port_is_free(shards_dir, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -203,27 +202,6 @@ def wait_for_step(out: Path, step: int, process, timeout: float = 180) -> None:
         assert process.poll() is None, process.communicate()
         time.sleep(0.5)
     raise AssertionError(f"no step {step} within {timeout}s")
-
-
-def test_sigterm_saves_and_the_next_start_resumes(shards_dir, tmp_path, spawn):
-    out = tmp_path / "run"
-    process = spawn(
-        launch_args("tiny-albert.yaml", shards_dir, out, "--train.max_steps=100000"),
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for_step(out, 3, process)
-    process.send_signal(signal.SIGTERM)  # what SLURM sends on preemption
-    _, stderr = process.communicate(timeout=120)
-    assert "signal received: saving a checkpoint" in stderr
-    tag = (out / "checkpoints" / "latest").read_text().strip()
-    saved = int(tag.removeprefix("step"))
-    assert saved >= 3
-    resumed = train(shards_dir, out, f"--train.max_steps={saved + 2}")
-    assert f"at step {saved}" in resumed.stderr
-    assert max(losses(out)) == saved + 2
 
 
 def test_killed_rank_ends_the_job_and_the_last_checkpoint_loads(shards_dir, tmp_path, spawn):

@@ -38,8 +38,9 @@ if [ -n "${RANK:-}" ] && [ -n "${WORLD_SIZE:-}" ]; then
   exec "$python" "$train" --config "$config" "${overrides[@]}"
 fi
 
-# One check before any rank starts: a bad config ends here in one line, not once per rank.
-"$python" -m pretrain config "$config" "${overrides[@]}" >/dev/null || exit $?
+# One check before any rank starts: a bad config, an output_dir that cannot be written or
+# data that does not load ends here in one line, not once per rank.
+"$python" -m pretrain check "$config" "${overrides[@]}" || exit $?
 
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then

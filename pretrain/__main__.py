@@ -1,22 +1,34 @@
-"""`python -m pretrain config CONFIG [--dotted.overrides]`: validate a config and print it
-resolved, as YAML. The launchers run it once before starting any rank, so that a bad config
-ends in one line instead of one traceback per rank."""
+"""Commands run before any rank starts, so that a mistake ends in one line instead of one
+traceback per rank:
+
+    python -m pretrain config CONFIG [--dotted.overrides]   the config, resolved, as YAML
+    python -m pretrain check CONFIG [--dotted.overrides]    also what the run reads and writes
+
+`check` (the launchers run it) validates the config, then makes sure train.output_dir is a
+writable directory and that the data, its tokenizer and its shard indexes load.
+"""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import yaml
 
 from pretrain.config import ConfigError, load_config, main_guard, to_dict
+from pretrain.preflight import check_data, check_output_dir
 
-USAGE = "usage: python -m pretrain config CONFIG [--dotted.overrides ...]"
+USAGE = "usage: python -m pretrain (config | check) CONFIG [--dotted.overrides ...]"
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] != "config" or argv[1].startswith("--"):
+    if len(argv) < 2 or argv[0] not in ("config", "check") or argv[1].startswith("--"):
         raise ConfigError(USAGE)
     cfg = load_config(argv[1], argv[2:])
+    if argv[0] == "check":
+        check_output_dir(Path(cfg.train.output_dir))
+        check_data(cfg)
+        return 0
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 

@@ -20,13 +20,16 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import argparse
 import json
+import os
 import signal
 import time
+import traceback
 from collections.abc import Iterator
+from typing import NoReturn
 
 import torch
 
-from pretrain.config import Config, ConfigError, load_config, main_guard, to_dict
+from pretrain.config import Config, ConfigError, load_config, to_dict
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine import checkpoint, runtime
 from pretrain.errors import UserError
@@ -41,6 +44,7 @@ from pretrain.metrics import (
 )
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, model_inputs
+from pretrain.preflight import check_output_dir
 from pretrain.summary import account
 
 
@@ -150,6 +154,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         self.out = Path(cfg.train.output_dir)
+        check_output_dir(self.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.train_data = PretrainDataset(cfg, "train")
         self.eval_data = PretrainDataset(cfg, "valid") if cfg.train.eval_every else None
@@ -406,10 +411,44 @@ def main(argv: list[str]) -> int:
     path, overrides = parse_args(argv)
     trainer = Trainer(load_config(path, overrides))
     try:
-        return trainer.run()
-    finally:
-        trainer.close()
+        code = trainer.run()
+    except BaseException:
+        # No teardown: with a rank gone it would wait on the others. Keep the metrics.
+        if trainer.logger is not None:
+            trainer.logger.close()
+        raise
+    trainer.close()
+    return code
+
+
+def rank_main(argv: list[str]) -> NoReturn:
+    """One rank, ending fast when it fails. Its error goes out as one line (an error every
+    rank shares, from rank 0 only), then the process leaves at once: an orderly exit would
+    wait on ranks blocked in a collective (about 40 s with gloo), while leaving closes its
+    connections, so every other rank stops in its next collective. Those ranks say only
+    that a peer ended, and the launcher ends the job with the failing rank's status."""
+    try:
+        code = main(argv)
+    except UserError as err:
+        if not err.collective or os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except Exception as err:
+        if runtime.lost_a_peer(err):
+            rank = os.environ.get("RANK", "?")
+            first = str(err).strip().splitlines()[0][:160]
+            print(f"rank {rank}: stopped, another rank ended ({first})", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code and runtime.is_distributed():
+        if code == 1:
+            time.sleep(2)  # the launcher ends the job with the status of whichever it sees first
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    main_guard(lambda: main(sys.argv[1:]))
+    rank_main(sys.argv[1:])

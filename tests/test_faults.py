@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -352,3 +353,35 @@ def test_a_busy_port_is_one_line_and_the_default_port_is_free(shards_dir, tmp_pa
             timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]
+
+
+# -- failing ranks and checks before they start ------------------------------------------------
+
+
+def test_what_a_run_reads_and_writes_is_checked_before_any_rank_starts(shards_dir, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    args = launch_args("tiny-albert.yaml", shards_dir, tmp_path / "file", "--train.max_steps=2")
+    line = one_error(run_process(args, env=env(), timeout=120))
+    assert line == f"error: train.output_dir {tmp_path / 'file'} is a file; choose a directory"
+    data = tmp_path / "data"
+    shutil.copytree(shards_dir, data)
+    next(data.glob("train-*.sentences.npy")).write_bytes(b"\x93NUMPY garbage")
+    args = launch_args("tiny-albert.yaml", data, tmp_path / "run", "--train.max_steps=2")
+    result = run_process(args, env=env(), timeout=120)
+    assert "is unreadable" in one_error(result) and "preprocess again" in result.stderr
+    assert "launch.py" not in result.stderr  # no rank was started
+
+
+def test_one_failing_rank_ends_the_job_fast_and_says_why_once(run, shards_dir):
+    """Rank 1 alone cannot read its file: the job ends within seconds of the error (an
+    orderly exit used to wait ~40 s on gloo), with that rank's line and its status."""
+    tag_dir = run / "checkpoints" / STEP4
+    (tag_dir / "rng_rank1.pt").write_bytes(b"not a torch file")
+    write_manifest(tag_dir)
+    start = time.monotonic()
+    result = resume(run, shards_dir, "--train.max_steps=6")
+    elapsed = time.monotonic() - start
+    line = one_error(result)
+    assert "cannot read" in line and "rng_rank1.pt" in line
+    assert "another rank ended" in result.stderr  # rank 0, in one line
+    assert elapsed < 30, elapsed  # startup included; was over 40 s

@@ -32,6 +32,19 @@ def read_metadata(directory: str | Path) -> dict:
     return meta
 
 
+def _load_index(path: Path) -> np.ndarray:
+    """A shard index, memory-mapped; never unpickled."""
+    try:
+        index = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(
+            f"shard index {path} is unreadable ({str(err).splitlines()[0][:120]}); preprocess again"
+        ) from None
+    if index.ndim != 1 or index.dtype.kind not in "iu" or len(index) == 0:
+        raise DataError(f"shard index {path} is not an index of offsets; preprocess again")
+    return index
+
+
 class TokenShards:
     """The documents of one split. Document d has sentences, each a token array; all
     addressing goes through the per-shard indexes, nothing is loaded eagerly."""
@@ -68,8 +81,7 @@ class TokenShards:
         for path in paths:
             if not path.is_file():
                 raise DataError(f"shard file {path} is missing; preprocess again")
-        sentences = np.load(paths[1], mmap_mode="r")
-        documents = np.load(paths[2], mmap_mode="r")
+        sentences, documents = _load_index(paths[1]), _load_index(paths[2])
         expected = int(sentences[-1]) * self.dtype.itemsize
         actual = paths[0].stat().st_size
         if actual != expected or len(documents) - 1 != entry["documents"]:

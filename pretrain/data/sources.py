@@ -27,6 +27,8 @@ SUPPORTED = TEXT_SUFFIXES + JSON_SUFFIXES + TABLE_SUFFIXES
 class DataError(UserError):
     """Input data that cannot be used as given."""
 
+    collective = True  # every rank reads the same data
+
 
 @dataclass
 class ReadReport:

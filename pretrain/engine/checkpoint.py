@@ -150,10 +150,14 @@ def safe_load(path: str | Path, map_location=None) -> Any:
 def refused(path: str | Path, err: pickle.UnpicklingError) -> UserError:
     """The one line for a file that a weights-only load refused, naming what it holds."""
     named = re.search(r"GLOBAL ([\w.]+)", str(err))
-    what = f"it names {named.group(1)}" if named else str(err).splitlines()[0]
+    if named is None:
+        return UserError(
+            f"cannot read {path}: it is not a file torch.save wrote (corrupt or replaced);"
+            " restore it, or delete its checkpoint folder to resume from an older one"
+        )
     return UserError(
         f"refusing to load {path}: it holds objects other than tensors and plain data"
-        f" ({what}); it was not written by this stack"
+        f" (it names {named.group(1)}); it was not written by this stack"
     )
 
 

@@ -143,6 +143,19 @@ def log_comm_summary() -> None:
     deepspeed.comm.log_summary()
 
 
+def is_distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def lost_a_peer(err: BaseException) -> bool:
+    """The error a rank gets in a collective when another rank has ended."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError)
+        and any(m in text for m in ("Connection closed by peer", "Connection reset by peer"))
+    )
+
+
 def teardown(engine) -> None:
     """Explicit shutdown: without it about 1 run in 5 aborts at exit when a gloo thread
     outlives Python (DeepSpeed 0.19.8 on CPU); destroy_process_group alone is not enough."""

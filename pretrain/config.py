@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import sys
 import types
 import typing
@@ -20,7 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, print_error
 
 
 class ConfigError(UserError, ValueError):
@@ -697,7 +696,6 @@ def main_guard(fn: typing.Callable[[], int | None]) -> typing.NoReturn:
     try:
         code = fn()
     except UserError as err:
-        if not err.collective or os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         sys.exit(2)
     sys.exit(code or 0)

@@ -76,18 +76,19 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) 
     b = torch.randn(n, n, device=device).to(dtype)
     for _ in range(2):
         a @ b
-    _sync(device)
+    sync(device)
     iters, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         iters += 1
         if iters % 8 == 0:  # bound the queue of launched kernels on CUDA
-            _sync(device)
-    _sync(device)
+            sync(device)
+    sync(device)
     return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -32,7 +32,7 @@ import torch
 from pretrain.config import Config, ConfigError, load_config, to_dict
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine import checkpoint, runtime
-from pretrain.errors import UserError
+from pretrain.errors import UserError, print_error
 from pretrain.export import native
 from pretrain.metrics import (
     DTYPES,
@@ -83,8 +83,11 @@ def schedule_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object
     return [(k, before[k], now[k]) for k in keys if before[k] != now[k]]
 
 
-def check_resumable(saved: dict, cfg: Config, tokenizer_checksum: str, world: int, where: str):
-    """A checkpoint continues only the same model on the same tokenizer and engine layout."""
+def check_resumable(
+    saved: dict, cfg: Config, tokenizer_checksum: str, world: int, where: str
+) -> list[tuple[str, object, object]]:
+    """A checkpoint continues only the same model on the same tokenizer and engine layout,
+    and its LR schedule unless asked to re-plan it. Returns the schedule changes allowed."""
     now = _flatten(to_dict(cfg.model), "model.")
     before = _flatten(saved["config"]["model"], "model.")
     changed = [k for k in sorted(now) if before.get(k) != now[k]]
@@ -105,9 +108,9 @@ def check_resumable(saved: dict, cfg: Config, tokenizer_checksum: str, world: in
             f"cannot resume from {where}: it is at step {step}, past train.max_steps"
             f" ({cfg.train.max_steps}); raise train.max_steps or start a new train.output_dir"
         )
-    changed = schedule_changes(saved, cfg)
-    if changed and not cfg.train.replan_schedule:
-        key, before, now = changed[0]
+    schedule = schedule_changes(saved, cfg)
+    if schedule and not cfg.train.replan_schedule:
+        key, before, now = schedule[0]
         raise ResumeError(
             f"cannot resume from {where} with {key}={now!r}: its LR schedule was planned with"
             f" {key}={before!r}; pass --train.replan_schedule=true to re-plan the LR from"
@@ -120,6 +123,7 @@ def check_resumable(saved: dict, cfg: Config, tokenizer_checksum: str, world: in
             f" stage {stage}, this run has {world} with stage {cfg.engine.zero_stage};"
             " resume with the same number of ranks and engine.zero_stage"
         )
+    return schedule
 
 
 class StepMetrics:
@@ -166,7 +170,6 @@ class Trainer:
             model.encoder.compile_blocks()
         self.engine = runtime.initialize(model, cfg, self.world)
         self.step, self.consumed, self.last_saved = 0, 0, -1
-        self.last_saved_tag: str | None = None
         self.skipped_in_row = 0
         self._resume()
         self.first_step = self.step
@@ -226,19 +229,18 @@ class Trainer:
             self._print(f"warning: skipping checkpoint {self.ckpt_dir / bad}: {problem}")
         if tag is None:
             return
-        self.last_saved_tag = tag
         where = str(self.ckpt_dir / tag)
         state = checkpoint.read_run_state(self.ckpt_dir, tag)
-        check_resumable(
+        schedule = check_resumable(
             state, self.cfg, self.train_data.tokenizer.info.checksum, self.world.size, where
         )
         checkpoint.load(self.engine, self.ckpt_dir, tag, self.world.rank)
         self.step, self.consumed = state["step"], state["consumed_samples"]
         self.last_saved = self.step
         self._print(f"resumed from {where} at step {self.step} ({self.consumed} samples)")
-        if changed := schedule_changes(state, self.cfg):
+        if schedule:
             lr = runtime.replan_schedule(self.engine, self.step, self.cfg.optim.lr)
-            keys = ", ".join(key for key, _, _ in changed)
+            keys = ", ".join(key for key, _, _ in schedule)
             self._print(f"LR schedule re-planned ({keys} changed): lr {lr:.3g} at step {self.step}")
         if self.step == self.cfg.train.max_steps:
             self._print(f"already at train.max_steps ({self.step}): nothing left to train")
@@ -257,7 +259,7 @@ class Trainer:
             self.cfg.checkpoint.keep_last,
             self.world.rank,
         )
-        self.last_saved, self.last_saved_tag = self.step, tag
+        self.last_saved = self.step
         self._print(f"saved checkpoint {self.ckpt_dir / tag}")
 
     def _print(self, message: str) -> None:
@@ -366,7 +368,8 @@ class Trainer:
         """Steps in a row with every micro-batch skipped; too many is a diverged run."""
         self.skipped_in_row = 0 if step.done else self.skipped_in_row + 1
         if self.skipped_in_row >= self.cfg.train.max_skipped_steps:
-            where = f"{self.ckpt_dir / self.last_saved_tag}" if self.last_saved_tag else "none"
+            saved = self.last_saved >= 0
+            where = self.ckpt_dir / checkpoint.tag_for(self.last_saved) if saved else "none"
             raise NonFiniteLossError(
                 f"the last {self.skipped_in_row} steps (to step {self.step}) all had non-finite"
                 f" losses: the run diverged; stopped without saving (last checkpoint: {where});"
@@ -430,8 +433,7 @@ def rank_main(argv: list[str]) -> NoReturn:
     try:
         code = main(argv)
     except UserError as err:
-        if not err.collective or os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         code = 2
     except Exception as err:
         if runtime.lost_a_peer(err):

@@ -41,7 +41,7 @@ import torch
 from pretrain.config import Config, ConfigError, load_config, main_guard
 from pretrain.engine.optim import build_optimizer
 from pretrain.export.hf import HFReference, hf_model
-from pretrain.metrics import matmul_peak, peak_tflops, throughput
+from pretrain.metrics import matmul_peak, peak_tflops, sync, throughput
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, model_inputs
 from pretrain.objectives.mlm import IGNORE
@@ -106,11 +106,6 @@ def synthetic_batch(cfg: Config, device: torch.device, seed: int = 0) -> dict[st
             "mlm_labels": labels_BT,
         }
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Timed:

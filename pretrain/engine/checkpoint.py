@@ -133,14 +133,15 @@ def check_tag(directory: str | Path, tag: str) -> None:
 # (found with torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3, fp32,
 # bf16 and fp16 saves): each is rebuilt from data, none runs code of the file's choosing.
 SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+_torch_load = torch.load  # the real one, also while the exporter patches torch.load
 
 
-def safe_load(path: str | Path, map_location=None) -> Any:
+def safe_load(path: str | Path, map_location=None, mmap: bool | None = None) -> Any:
     """torch.load with `weights_only=True` and only `SAFE_GLOBALS` allowed; anything else in
     the file is one clear error, and nothing in it runs."""
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return _torch_load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as err:
         raise refused(path, err) from None
     except (RuntimeError, EOFError, OSError) as err:

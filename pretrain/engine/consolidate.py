@@ -1,15 +1,15 @@
 """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage and rank count, loaded
 without unpickling arbitrary objects.
 
-DeepSpeed's own zero_to_fp32 does the consolidation; every `torch.load` it makes runs with
-`weights_only=True` and an allowlist of the few plain data classes DeepSpeed puts into
-its optimizer files, so a checkpoint folder cannot execute code when it is read.
+DeepSpeed's own zero_to_fp32 does the consolidation; every `torch.load` it makes goes
+through `checkpoint.safe_load` (`weights_only=True` and an allowlist of the few plain data
+classes DeepSpeed puts into its optimizer files), so a checkpoint folder cannot execute
+code when it is read.
 """
 
 from __future__ import annotations
 
 import contextlib
-import pickle
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,38 +24,28 @@ from pretrain.data.tokenizer import MODEL_FILE, Tokenizer
 from pretrain.engine.checkpoint import (
     LATEST,
     RUN_STATE,
-    SAFE_GLOBALS,
     check_tag,
     newest_valid,
     read_run_state,
-    refused,
+    safe_load,
 )
 from pretrain.errors import UserError
 from pretrain.export.native import check_state
 from pretrain.model import SharedTransformer
 
-_torch_load = torch.load
-
 
 @contextlib.contextmanager
 def weights_only_loads() -> Iterator[None]:
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return _torch_load(*args, **kwargs)
+    def load(f, map_location=None, mmap=None, **_):  # zero_to_fp32 asks weights_only=False
+        return safe_load(f, map_location, mmap)
 
-    with torch.serialization.safe_globals(SAFE_GLOBALS), mock.patch.object(torch, "load", load):
+    with mock.patch.object(torch, "load", load):
         yield
 
 
 def fp32_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
     """The model's fp32 state dict from checkpoint `tag` in `checkpoint_dir`."""
-    try:
-        return _fp32_state_dict(Path(checkpoint_dir), tag)
-    except pickle.UnpicklingError as err:
-        raise refused(Path(checkpoint_dir) / tag, err) from None
-
-
-def _fp32_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
+    directory = Path(checkpoint_dir)
     with weights_only_loads():
         if not any((directory / tag).glob("*optim_states.pt")):  # ZeRO-0 keeps whole weights
             states = torch.load(directory / tag / "mp_rank_00_model_states.pt", map_location="cpu")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.config import ConfigError, load_config, main_guard, to_dict
+from pretrain.config import ConfigError, load_config, to_dict
+from pretrain.errors import main_guard
 from pretrain.preflight import check_data, check_output_dir
 
 USAGE = "usage: python -m pretrain (config | check) CONFIG [--dotted.overrides ...]"

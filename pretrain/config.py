@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from pretrain.errors import UserError, print_error
+from pretrain.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -689,13 +688,3 @@ def load_config(
     for key, value in overrides.items():
         _set_dotted(tree, key, value)
     return from_dict(Config, tree)
-
-
-def main_guard(fn: typing.Callable[[], int | None]) -> typing.NoReturn:
-    """Run a command-line entry point; a UserError becomes one line on stderr and exit 2."""
-    try:
-        code = fn()
-    except UserError as err:
-        print_error(err)
-        sys.exit(2)
-    sys.exit(code or 0)

@@ -2,6 +2,8 @@
 
 import os
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -16,3 +18,13 @@ def print_error(err: UserError) -> None:
     """The one line of a UserError on stderr (a collective one from rank 0 only)."""
     if not err.collective or os.environ.get("RANK", "0") == "0":
         print(f"error: {err}", file=sys.stderr)
+
+
+def main_guard(fn: Callable[[], int | None]) -> NoReturn:
+    """Run a command-line entry point; a UserError becomes one line on stderr and exit 2."""
+    try:
+        code = fn()
+    except UserError as err:
+        print_error(err)
+        sys.exit(2)
+    sys.exit(code or 0)

@@ -11,7 +11,8 @@ import sys
 
 import torch
 
-from pretrain.config import Config, load_config, main_guard
+from pretrain.config import Config, load_config
+from pretrain.errors import main_guard
 from pretrain.model import Accounting, SharedTransformer, count
 
 

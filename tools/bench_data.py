@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import load_config, main_guard
+from pretrain.config import load_config
 from pretrain.data.corpus import copy_default_corpus
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.data.preprocess import preprocess
 from pretrain.data.sources import ReadReport, iter_documents
 from pretrain.data.tokenizer import INFO_FILE, train_tokenizer
+from pretrain.errors import main_guard
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, model_inputs
 

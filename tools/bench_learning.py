@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.config import Config, ConfigError, load_config, main_guard
+from pretrain.config import Config, ConfigError, load_config
 from pretrain.data.baseline import held_out_baseline
 from pretrain.data.corpus import prepare_default_data
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine.optim import build_optimizer, build_scheduler
+from pretrain.errors import main_guard
 from pretrain.export.hf import HFReference, hf_model
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, mlm_loss, model_inputs

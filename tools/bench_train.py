@@ -38,8 +38,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import Config, ConfigError, load_config, main_guard
+from pretrain.config import Config, ConfigError, load_config
 from pretrain.engine.optim import build_optimizer
+from pretrain.errors import main_guard
 from pretrain.export.hf import HFReference, hf_model
 from pretrain.metrics import matmul_peak, peak_tflops, sync, throughput
 from pretrain.model import SharedTransformer

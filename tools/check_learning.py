@@ -26,9 +26,10 @@ import time
 
 import torch
 
-from pretrain.config import Config, load_config, main_guard
+from pretrain.config import Config, load_config
 from pretrain.data.masking import IGNORE_INDEX
 from pretrain.engine import runtime
+from pretrain.errors import main_guard
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, model_inputs
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from pretrain.config import ModelConfig, SharingConfig, from_dict, main_guard
-from pretrain.errors import UserError
+from pretrain.config import ModelConfig, SharingConfig, from_dict
+from pretrain.errors import UserError, main_guard
 from pretrain.export import hf_albert, hf_bert, hf_llama
 from pretrain.export.common import compress
 from pretrain.export.hf import export_notes, save_hf

@@ -33,8 +33,8 @@ import torch
 import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pretrain.config import main_guard
 from pretrain.data.sources import DataError
+from pretrain.errors import main_guard
 
 Tokenizer = transformers.PreTrainedTokenizerBase
 READERS = {".csv": "csv", ".jsonl": "json", ".json": "json"}

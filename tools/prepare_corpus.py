@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pretrain.config import main_guard
 from pretrain.data.corpus import copy_default_corpus
+from pretrain.errors import main_guard
 
 
 def main(argv: list[str]) -> int:

@@ -13,8 +13,8 @@ import argparse
 import sys
 import time
 
-from pretrain.config import main_guard
 from pretrain.data.preprocess import DEFAULT_SHARD_TOKENS, preprocess
+from pretrain.errors import main_guard
 
 
 def main(argv: list[str]) -> int:

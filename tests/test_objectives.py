@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from helpers import random_ids, tiny_config
 
 from pretrain.config import Config, DataConfig, ObjectiveConfig
+from pretrain.data.masking import IGNORE_INDEX
 from pretrain.model import SharedTransformer
 from pretrain.objectives import clm_loss, compute_loss, mlm_loss, model_inputs
 
@@ -15,7 +16,7 @@ from pretrain.objectives import clm_loss, compute_loss, mlm_loss, model_inputs
 def mlm_batch(seed=0, B=3, T=12):
     g = torch.Generator().manual_seed(seed)
     ids = random_ids(batch=B, length=T, seed=seed)
-    labels = torch.full((B, T), -100)
+    labels = torch.full((B, T), IGNORE_INDEX)
     chosen = torch.rand(B, T, generator=g) < 0.3
     labels[chosen] = ids[chosen]
     return {
@@ -39,14 +40,15 @@ def test_mlm_loss_is_cross_entropy_at_masked_positions_only():
     full = model(batch["input_ids"]).logits
     selected = model(**model_inputs(batch)).logits
     loss, metrics = mlm_loss(selected, batch["mlm_labels"])
-    expected = F.cross_entropy(full.flatten(0, 1), batch["mlm_labels"].flatten(), ignore_index=-100)
+    labels = batch["mlm_labels"].flatten()
+    expected = F.cross_entropy(full.flatten(0, 1), labels, ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    assert metrics["mlm_tokens"].item() == (batch["mlm_labels"] != -100).sum().item()
+    assert metrics["mlm_tokens"].item() == (batch["mlm_labels"] != IGNORE_INDEX).sum().item()
 
 
 def test_mlm_loss_with_nothing_masked_is_zero_not_nan():
     logits = torch.zeros(0, 97)
-    loss, metrics = mlm_loss(logits, torch.full((2, 5), -100))
+    loss, metrics = mlm_loss(logits, torch.full((2, 5), IGNORE_INDEX))
     assert loss.item() == 0.0 and metrics["mlm_acc"].item() == 0.0
 
 
@@ -54,9 +56,9 @@ def test_clm_loss_ignores_padding_labels():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 11, generator=g)
     labels = torch.randint(0, 11, (2, 6), generator=g)
-    labels[1, 4:] = -100
+    labels[1, 4:] = IGNORE_INDEX
     loss, metrics = clm_loss(logits, labels)
-    keep = labels != -100
+    keep = labels != IGNORE_INDEX
     torch.testing.assert_close(loss, F.cross_entropy(logits[keep], labels[keep]))
     assert metrics["clm_tokens"].item() == 10
 

@@ -9,6 +9,7 @@ from conftest import REPO
 
 from pretrain.config import load_config
 from pretrain.data.loader import PretrainDataset, make_loader, sample_rng
+from pretrain.data.masking import IGNORE_INDEX
 from pretrain.data.samples import CausalSamples, SOPSamples
 from pretrain.data.shards import TokenShards
 
@@ -169,7 +170,7 @@ def test_epochs_reshuffle_and_remask(shards_dir):
 def test_mlm_batches_mask_only_real_tokens(shards_dir):
     batch = next(iter(make_loader(PretrainDataset(config(shards_dir)), 0, 32)))
     labels, ids = batch["mlm_labels"], batch["input_ids"]
-    predicted = labels != -100
+    predicted = labels != IGNORE_INDEX
     assert predicted.any(dim=1).all()
     assert (predicted.sum(dim=1) <= 10).all()  # tiny-albert's max_predictions
     special = torch.tensor([0, 1, 2, 3, 4, 5, 6])

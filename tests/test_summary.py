@@ -13,10 +13,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config import Config, load_config
+from pretrain.data.masking import IGNORE_INDEX
 from pretrain.export import hf_albert, hf_llama
 from pretrain.model import SharedTransformer, count
 from pretrain.objectives import compute_loss, model_inputs
-from pretrain.objectives.mlm import IGNORE
 from pretrain.summary import account
 
 
@@ -142,7 +142,7 @@ def test_flops_per_token_match_a_flop_counter(name, overrides):
         batch = {"input_ids": ids_BT, "labels": ids_BT}
     else:
         predicted = min(cfg.objective.max_predictions, round(cfg.objective.mask_prob * T))
-        labels_BT = torch.full((B, T), IGNORE)
+        labels_BT = torch.full((B, T), IGNORE_INDEX)
         labels_BT[:, 1 : 1 + predicted] = ids_BT[:, 1 : 1 + predicted]
         batch = {
             "input_ids": ids_BT,

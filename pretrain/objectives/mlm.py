@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from pretrain.data.masking import IGNORE_INDEX
+
+IGNORE = IGNORE_INDEX  # the name tools/bench_train.py imports; IGNORE_INDEX everywhere else
 
 
 def predict_mask(labels_BT: torch.Tensor) -> torch.Tensor:
     """bool (B, T): the positions whose token the model must predict."""
-    return labels_BT != IGNORE
+    return labels_BT != IGNORE_INDEX
 
 
 def mlm_loss(

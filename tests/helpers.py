@@ -1,11 +1,30 @@
-"""Small builders shared by the tests."""
+"""What more than one test file uses: tiny models and configs, the test corpus's words, and the
+runners that start processes (command-line tools, the launcher and its ranks).
+
+Fixtures live in conftest.py; test files import from here and never from one another.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 
 from pretrain.config import ModelConfig, SharingConfig, UniversalConfig
 from pretrain.model import SharedTransformer
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+# -- tiny models ----------------------------------------------------------------------------
 
 
 def tiny_config(
@@ -37,3 +56,230 @@ def tiny_model(family: str = "albert", seed: int = 0, **overrides) -> SharedTran
 def random_ids(vocab: int = 97, batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, vocab, (batch, length), generator=g)
+
+
+# The shape every tiny Hugging Face model of the tests shares, its vocabulary that of the
+# tokenizer the `tokenizer_dir` fixture trains (150 pieces).
+TINY_HF = dict(
+    vocab_size=150,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
+
+
+def tiny_hf_config(kind: str, **overrides):
+    """`transformers.<kind>Config` ("Albert", "Bert", "Llama") of the TINY_HF shape."""
+    import transformers
+
+    return getattr(transformers, f"{kind}Config")(**{**TINY_HF, **overrides})
+
+
+# -- the test corpus --------------------------------------------------------------------------
+
+WORDS = [
+    "the",
+    "king",
+    "queen",
+    "lord",
+    "lady",
+    "sword",
+    "crown",
+    "night",
+    "day",
+    "love",
+    "death",
+    "war",
+    "peace",
+    "heart",
+    "blood",
+    "honour",
+    "friend",
+    "enemy",
+    "castle",
+    "field",
+    "river",
+    "storm",
+    "sea",
+    "ship",
+    "letter",
+    "ring",
+    "gold",
+    "silver",
+    "fool",
+    "speak",
+    "come",
+    "go",
+    "stay",
+    "fight",
+    "fly",
+    "weep",
+    "laugh",
+    "sleep",
+    "wake",
+    "send",
+    "bring",
+    "hold",
+    "keep",
+    "give",
+    "take",
+    "fair",
+    "foul",
+    "noble",
+    "base",
+    "bold",
+    "proud",
+    "sweet",
+    "bitter",
+    "young",
+    "old",
+    "true",
+    "false",
+    "dark",
+    "bright",
+]
+
+
+def make_document(rng, sentences: int) -> str:
+    lines = []
+    for _ in range(sentences):
+        words = rng.choice(WORDS, size=int(rng.integers(4, 14)))
+        lines.append(" ".join(words).capitalize() + ".")
+    return "\n".join(lines)
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+def run_process(
+    command: list[str], *, env: dict | None = None, cwd: Path = REPO, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`subprocess.run` for commands that start process trees (launchers and their ranks).
+
+    The command gets its own session; on timeout the whole group is killed and the test
+    fails with the output so far. Plain `subprocess.run` kills only the direct child and then
+    waits forever on pipes its grandchildren still hold open.
+    """
+    process = subprocess.Popen(
+        command,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(process)
+        stdout, stderr = process.communicate()
+        raise AssertionError(
+            f"{' '.join(command[:3])} ... timed out after {timeout}s\n"
+            f"{stdout[-2000:]}\n{stderr[-3000:]}"
+        ) from None
+    finally:
+        kill_group(process)  # ranks a launcher left behind
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL every process of the session `process` leads, if any is left."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a command-line entry point of the project as a user would."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return run_process([sys.executable, *args], env=env, cwd=cwd)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- training runs --------------------------------------------------------------------------
+
+# Small and fast: a tiny all-shared ALBERT on the test corpus, constant LR so that a run
+# stopped early and resumed follows the same schedule as a straight one.
+BASE = [
+    "--model.vocab_size=150",
+    "--data.seq_length=48",
+    "--engine.micro_batch_size=4",
+    "--optim.lr=0.003",
+    "--optim.warmup_steps=0",
+    "--optim.decay=constant",
+    "--logging.every=1",
+    "--engine.zero3_persistence_threshold=0",
+]
+
+
+def env() -> dict[str, str]:
+    """The environment of a launched run: one thread per rank, a free port of its own."""
+    return {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(free_port()),
+    }
+
+
+def launch_args(config: str, shards: Path, out: Path, *overrides: str) -> list[str]:
+    return [
+        "bash",
+        str(REPO / "launch" / "pretrain.sh"),
+        str(REPO / "configs" / config),
+        f"--data.path={shards}",
+        f"--train.output_dir={out}",
+        *BASE,
+        *overrides,
+    ]
+
+
+def train(shards: Path, out: Path, *overrides: str, config: str = "tiny-albert.yaml"):
+    """A 2-rank run through launch/pretrain.sh; returns the finished process."""
+    result = run_process(launch_args(config, shards, out, *overrides), env=env(), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(out: Path, key: str = "loss") -> dict[int, float]:
+    """step -> `key` from a run's metrics.jsonl; empty before its first line is written."""
+    if not (out / "metrics.jsonl").exists():
+        return {}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def wait_for_step(out: Path, step: int, process, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if max(losses(out), default=0) >= step:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.5)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def trainer_args(shards: Path, out: Path, *overrides: str) -> list[str]:
+    """pretrain/train.py and its arguments, for launchers other than our script."""
+    return [
+        str(REPO / "pretrain" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "tiny-albert.yaml"),
+        f"--data.path={shards}",
+        f"--train.output_dir={out}",
+        *BASE,
+        *overrides,
+    ]
+
+
+def run_single(shards: Path, out: Path, *overrides: str):
+    """One process started with plain `python` (no rank variables)."""
+    clean = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    command = [sys.executable, *trainer_args(shards, out, *overrides)]
+    return run_process(command, env=clean)

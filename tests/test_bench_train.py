@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from pretrain.config import ConfigError, load_config
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import CONFIGS, REPO
+from helpers import CONFIGS, REPO
 
 from pretrain.config import (
     SHARING_STRATEGIES,

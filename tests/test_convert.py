@@ -9,8 +9,7 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import REPO, run_process
-from test_train import env, launch_args, train
+from helpers import REPO, env, launch_args, run_process, tiny_hf_config, train
 
 from pretrain.engine.checkpoint import write_manifest
 from pretrain.engine.consolidate import read_checkpoint
@@ -154,15 +153,11 @@ def test_cli_verify_and_notes(checkpoints, tmp_path):
 
 def test_hf_round_trip_through_native(tmp_path, tokenizer_dir):
     torch.manual_seed(0)
-    config = transformers.AlbertConfig(
-        vocab_size=150,
+    config = tiny_hf_config(
+        "Albert",
         embedding_size=16,
-        hidden_size=32,
         num_hidden_layers=4,
         num_hidden_groups=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
         initializer_range=0.2,
         pad_token_id=0,
     )
@@ -195,15 +190,7 @@ def test_hf_round_trip_through_native(tmp_path, tokenizer_dir):
 
 def test_import_and_compress(tmp_path):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=150,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
+    config = tiny_hf_config("Llama", num_hidden_layers=4, tie_word_embeddings=True)
     hf = transformers.LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path / "hf")
     result = run_convert(
@@ -315,13 +302,9 @@ def test_init_from_seeds_continued_pretraining(checkpoints, shards_dir, tmp_path
 @pytest.mark.parametrize("cls", ["BertForMaskedLM", "BertForPreTraining"])
 def test_bert_imports_as_unshared_albert_with_e_equal_h(tmp_path, cls):
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=150,
-        hidden_size=32,
+    config = tiny_hf_config(
+        "Bert",
         num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
         initializer_range=0.2,  # large enough that exact and tanh GELU differ
     )
     bert = getattr(transformers, cls)(config).eval()

@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from pretrain.data.preprocess import METADATA, preprocess
 from pretrain.data.shards import TokenShards

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train import run_single
+from helpers import run_single
 
 from pretrain.config import EngineConfig, OptimConfig
 from pretrain.engine.ds_config import build_ds_config

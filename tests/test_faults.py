@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_process
-from test_train import env, launch_args, losses, train, wait_for_step
+from helpers import env, launch_args, losses, run_process, train, wait_for_step
 
 from pretrain.config import OptimConfig
 from pretrain.data.preprocess import METADATA

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import transformers
-from conftest import WORDS, run_process
+from helpers import WORDS, run_process, tiny_hf_config
 
 SPECIAL_TOKENS = {
     "unk_token": "<unk>",
@@ -50,15 +50,8 @@ def hf_albert(tokenizer_dir, tmp_path_factory) -> Path:
     """A tiny random HF ALBERT folder with our tokenizer."""
     out = tmp_path_factory.mktemp("hf_albert")
     albert_tokenizer(tokenizer_dir / "spiece.model").save_pretrained(out)
-    config = transformers.AlbertConfig(
-        vocab_size=150,
-        embedding_size=16,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
+    config = tiny_hf_config(
+        "Albert", embedding_size=16, num_hidden_layers=2, num_attention_heads=2, pad_token_id=0
     )
     transformers.set_seed(0)
     transformers.AlbertForMaskedLM(config).save_pretrained(out)

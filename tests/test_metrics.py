@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain.metrics import (

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
-from helpers import random_ids, tiny_config, tiny_model
+from helpers import REPO, random_ids, tiny_config, tiny_model
 
 from pretrain.model import SharedTransformer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from pretrain.config import load_config
 from pretrain.data.loader import PretrainDataset, make_loader, sample_rng

@@ -8,7 +8,6 @@ and the tests are skipped with that reason.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -17,18 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_train import BASE
+from helpers import BASE, REPO, free_port, losses
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="SLURM daemons (slurmctld, slurmd, munged) need root here"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _install() -> None:
@@ -47,8 +39,8 @@ def _write_conf(root: Path) -> Path:
     conf.write_text(
         f"""ClusterName=pretrain-test
 SlurmctldHost={host}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -166,13 +158,6 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 def finished(env, job: str) -> bool:
     return job_state(env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-
-
-def losses(out: Path) -> dict[int, float]:
-    if not (out / "metrics.jsonl").exists():
-        return {}
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 @pytest.fixture(scope="module")

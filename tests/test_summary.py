@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import REPO
-from helpers import tiny_config
+from helpers import REPO, tiny_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 

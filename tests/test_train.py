@@ -3,68 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_process
+from helpers import (
+    BASE,
+    REPO,
+    env,
+    free_port,
+    launch_args,
+    losses,
+    run_process,
+    run_single,
+    train,
+    trainer_args,
+    wait_for_step,
+)
 
 STEPS = 8
-# Small and fast: a tiny all-shared ALBERT on the test corpus, constant LR so that a run
-# stopped early and resumed follows the same schedule as a straight one.
-BASE = [
-    "--model.vocab_size=150",
-    "--data.seq_length=48",
-    "--engine.micro_batch_size=4",
-    "--optim.lr=0.003",
-    "--optim.warmup_steps=0",
-    "--optim.decay=constant",
-    "--logging.every=1",
-    "--engine.zero3_persistence_threshold=0",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "OMP_NUM_THREADS": "1",
-        "MASTER_PORT": str(free_port()),
-    }
-
-
-def launch_args(config: str, shards: Path, out: Path, *overrides: str) -> list[str]:
-    return [
-        "bash",
-        str(REPO / "launch" / "pretrain.sh"),
-        str(REPO / "configs" / config),
-        f"--data.path={shards}",
-        f"--train.output_dir={out}",
-        *BASE,
-        *overrides,
-    ]
-
-
-def train(shards: Path, out: Path, *overrides: str, config: str = "tiny-albert.yaml"):
-    """A 2-rank run through launch/pretrain.sh; returns the finished process."""
-    result = run_process(launch_args(config, shards, out, *overrides), env=env(), timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def losses(out: Path, key: str = "loss") -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows if key in r}
 
 
 @pytest.fixture(scope="module")
@@ -194,16 +153,6 @@ def test_checkpoints_keep_the_last_k(shards_dir, tmp_path):
     assert tags == ["step00000005", "step00000006"]
 
 
-def wait_for_step(out: Path, step: int, process, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and max(losses(out), default=0) >= step:
-            return
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.5)
-    raise AssertionError(f"no step {step} within {timeout}s")
-
-
 def test_killed_rank_ends_the_job_and_the_last_checkpoint_loads(shards_dir, tmp_path, spawn):
     import psutil
 
@@ -271,26 +220,6 @@ def test_tiny_llama_trains_causal_lm_under_deepspeed_no_python(shards_dir, tmp_p
     assert len(by_step) == 12
     first, last = sum(by_step[s] for s in (1, 2, 3)) / 3, sum(by_step[s] for s in (10, 11, 12)) / 3
     assert last < first - 0.2, (first, last)
-
-
-def trainer_args(shards: Path, out: Path, *overrides: str) -> list[str]:
-    """pretrain/train.py and its arguments, for launchers other than our script."""
-    return [
-        str(REPO / "pretrain" / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny-albert.yaml"),
-        f"--data.path={shards}",
-        f"--train.output_dir={out}",
-        *BASE,
-        *overrides,
-    ]
-
-
-def run_single(shards: Path, out: Path, *overrides: str):
-    """One process started with plain `python` (no rank variables)."""
-    clean = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    command = [sys.executable, *trainer_args(shards, out, *overrides)]
-    return run_process(command, env=clean)
 
 
 def test_a_bad_config_stops_the_launcher_before_any_rank_starts(shards_dir, tmp_path):

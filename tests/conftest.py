@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests.
+"""Fixtures shared by the tests, and the tiers every test belongs to (one of TIERS).
 
 Helpers that are not fixtures are in helpers.py.
 """
@@ -12,6 +12,31 @@ from helpers import kill_group, make_document, run_cli
 # Tests build everything they use; nothing may reach the Hub, here or in the processes they start.
 for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_name, "1")
+
+# Each test is marked with exactly one (pyproject.toml describes them); `make test-fast` runs
+# the unit tier.
+TIERS = ("unit", "distributed", "parity", "e2e", "slurm")
+# A unit test runs in the test process: these fixtures start others.
+PROCESS_FIXTURES = {"cli", "spawn"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked
+def pytest_collection_modifyitems(config, items):
+    problems = []
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if not tiers:
+            problems.append(f"{item.nodeid}: no tier marker")
+        elif len(tiers) > 1:
+            problems.append(f"{item.nodeid}: more than one tier marker ({', '.join(tiers)})")
+        elif tiers == ["unit"] and PROCESS_FIXTURES & set(item.fixturenames):
+            used = ", ".join(sorted(PROCESS_FIXTURES & set(item.fixturenames)))
+            problems.append(f"{item.nodeid}: marked unit but starts processes ({used})")
+    if problems:
+        raise pytest.UsageError(
+            f"every test needs exactly one tier marker of {', '.join(TIERS)}:\n  "
+            + "\n  ".join(problems)
+        )
 
 
 @pytest.fixture

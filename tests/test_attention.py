@@ -18,6 +18,8 @@ from pretrain.model.blocks import (
     split_rows_attention,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def outputs_and_grads(model, ids, mask):
     model.zero_grad(set_to_none=True)

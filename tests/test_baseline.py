@@ -12,6 +12,8 @@ from pretrain.data.baseline import held_out_baseline, token_counts, unigram_base
 from pretrain.data.loader import PretrainDataset
 from pretrain.data.masking import IGNORE_INDEX
 
+pytestmark = pytest.mark.unit
+
 
 def test_unigram_baseline_scores_smoothed_frequencies():
     base = unigram_baseline(np.array([0, 3, 1]), np.array([1, 1, 2]))

@@ -20,6 +20,7 @@ def bench(cli, *args: str) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("config", ["tiny-albert", "tiny-llama"])
 def test_ours_and_the_reference_train_the_same_model(cli, config):
     r = bench(cli, config, "--steps", "2", "--warmup", "1", "--precision", "fp32")
@@ -37,6 +38,7 @@ def test_ours_and_the_reference_train_the_same_model(cli, config):
         )
 
 
+@pytest.mark.distributed
 def test_engine_mode_times_the_real_path(cli, shards_dir):
     r = bench(
         cli,
@@ -59,12 +61,14 @@ def test_engine_mode_times_the_real_path(cli, shards_dir):
     assert 0 < e["logged_mfu"] == pytest.approx(e["mfu"], rel=1e-9)
 
 
+@pytest.mark.e2e
 def test_an_unknown_preset_is_one_line(cli):
     result = cli("tools/bench_train.py", "no-such-config")
     assert result.returncode == 2
     assert "presets:" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.unit
 def test_fit_batch_halves_the_micro_batch_until_it_fits(monkeypatch):
     """--fit-batch finds the largest micro-batch that fits (a GPU's out-of-memory is raised
     here for batches over 4); without it, one line names the fix."""

@@ -22,6 +22,7 @@ from pretrain.summary import account
 SMOKE = {"tiny-albert.yaml", "tiny-llama.yaml"}
 
 
+@pytest.mark.unit
 def test_presets_exist():
     names = {p.name for p in CONFIGS}
     expected = {
@@ -36,6 +37,7 @@ def test_presets_exist():
     assert expected <= names
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads_and_builds(path):
     cfg = load_config(path)
@@ -47,6 +49,7 @@ def test_every_config_loads_and_builds(path):
     assert from_dict(Config, cfg.to_dict()) == cfg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", sorted(SMOKE))
 def test_smoke_configs_are_small_and_run(name):
     cfg = load_config(REPO / "configs" / name)
@@ -59,6 +62,7 @@ def test_smoke_configs_are_small_and_run(name):
     assert torch.isfinite(out.logits).all()
 
 
+@pytest.mark.unit
 def test_albert_presets_match_paper_shapes():
     sizes = {"base": (12, 768), "large": (24, 1024), "xlarge": (24, 2048), "xxlarge": (12, 4096)}
     for name, (layers, hidden) in sizes.items():
@@ -72,10 +76,12 @@ def test_albert_presets_match_paper_shapes():
         assert m.sharing.strategy == "all"
 
 
+@pytest.mark.unit
 def test_strategy_registry_matches_config_names():
     assert tuple(STRATEGIES) == SHARING_STRATEGIES
 
 
+@pytest.mark.unit
 def test_overrides_both_spellings_and_types():
     path = REPO / "configs" / "tiny-albert.yaml"
     cfg = load_config(
@@ -97,11 +103,13 @@ def test_overrides_both_spellings_and_types():
     assert cfg.engine.precision == "bf16"
 
 
+@pytest.mark.unit
 def test_integer_accepted_where_float_expected():
     cfg = load_config(overrides={"optim.lr": 1})
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
 
 
+@pytest.mark.unit
 def test_family_defaults_resolve():
     albert = load_config(overrides={"model.family": "albert"}).model
     llama = load_config(overrides={"model.family": "llama"}).model
@@ -109,21 +117,25 @@ def test_family_defaults_resolve():
     assert (llama.norm_eps, llama.type_vocab_size, llama.causal) == (1e-6, 0, True)
 
 
+@pytest.mark.unit
 def test_unknown_key_names_closest():
     with pytest.raises(ConfigError, match=r"'model.num_layer'.*did you mean 'num_layers'"):
         load_config(overrides={"model.num_layer": 3})
 
 
+@pytest.mark.unit
 def test_bool_is_not_an_integer():
     with pytest.raises(ConfigError, match=r"model.num_layers: expected an integer"):
         load_config(overrides={"model.num_layers": True})
 
 
+@pytest.mark.unit
 def test_parse_overrides_rejects_positional():
     with pytest.raises(ConfigError, match="unexpected argument"):
         parse_overrides(["configs/x.yaml"])
 
 
+@pytest.mark.unit
 def test_every_section_is_a_dataclass_with_defaults():
     # A default Config must be valid: every key has a sensible default.
     cfg = Config()
@@ -200,6 +212,7 @@ BAD_CONFIGS = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
 def test_bad_config_gives_one_clear_line(name, tmp_path, cli):
     text, overrides, fragment = BAD_CONFIGS[name]
@@ -218,6 +231,7 @@ def test_bad_config_gives_one_clear_line(name, tmp_path, cli):
     assert result.stdout == ""
 
 
+@pytest.mark.e2e
 def test_missing_config_file(cli, tmp_path):
     result = cli("-m", "pretrain.summary", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2
@@ -229,6 +243,7 @@ def test_missing_config_file(cli, tmp_path):
 TINY = str(REPO / "configs" / "tiny-albert.yaml")
 
 
+@pytest.mark.e2e
 def test_config_command_prints_the_resolved_config(cli, tmp_path):
     result = cli("-m", "pretrain", "config", TINY, "--model.num_layers=6")
     assert result.returncode == 0, result.stderr
@@ -239,6 +254,7 @@ def test_config_command_prints_the_resolved_config(cli, tmp_path):
     assert expected.model.num_layers == 6
 
 
+@pytest.mark.e2e
 def test_config_command_rejects_a_bad_config_in_one_line(cli):
     result = cli("-m", "pretrain", "config", TINY, "--engine.zero_stage=5")
     assert result.returncode == 2

@@ -62,6 +62,7 @@ def batch(vocab: int = 150):
     return ids, mask
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", ["all", "sequence", "cycle", "e_equals_h"])
 def test_albert_export_matches_our_logits(checkpoints, tmp_path, name):
     trained = read_checkpoint(checkpoints[name])
@@ -86,6 +87,7 @@ def test_albert_export_matches_our_logits(checkpoints, tmp_path, name):
     assert hf.config.num_hidden_groups == groups
 
 
+@pytest.mark.parity
 def test_shared_parameters_stay_shared_in_the_file(checkpoints, tmp_path):
     sizes = {}
     for name in ("all", "cycle"):
@@ -98,6 +100,7 @@ def test_shared_parameters_stay_shared_in_the_file(checkpoints, tmp_path):
     assert sizes["cycle"][0] > 1.5 * file_bytes  # unrolled into 4 groups
 
 
+@pytest.mark.parity
 def test_tokenizer_export_encodes_like_ours(checkpoints, tmp_path):
     from pretrain.data.tokenizer import Tokenizer
 
@@ -110,6 +113,7 @@ def test_tokenizer_export_encodes_like_ours(checkpoints, tmp_path):
     assert (hf_tok.mask_token_id, hf_tok.pad_token_id) == (6, 0)
 
 
+@pytest.mark.parity
 def test_llama_export_matches_and_generates(checkpoints, tmp_path):
     trained = read_checkpoint(checkpoints["llama"])
     assert trained.cfg.embedding_size < trained.cfg.hidden_size  # folded on export
@@ -135,6 +139,7 @@ def run_convert(*args):
     )
 
 
+@pytest.mark.parity
 def test_cli_verify_and_notes(checkpoints, tmp_path):
     result = run_convert(
         "--checkpoint",
@@ -151,6 +156,7 @@ def test_cli_verify_and_notes(checkpoints, tmp_path):
     assert diff <= TOL
 
 
+@pytest.mark.parity
 def test_hf_round_trip_through_native(tmp_path, tokenizer_dir):
     torch.manual_seed(0)
     config = tiny_hf_config(
@@ -188,6 +194,7 @@ def test_hf_round_trip_through_native(tmp_path, tokenizer_dir):
     assert (a.sop_logits - b.sop_logits).abs().max() <= TOL
 
 
+@pytest.mark.parity
 def test_import_and_compress(tmp_path):
     torch.manual_seed(0)
     config = tiny_hf_config("Llama", num_hidden_layers=4, tie_word_embeddings=True)
@@ -217,6 +224,7 @@ def one_error(result) -> str:
     return lines[0]
 
 
+@pytest.mark.distributed
 def test_clear_errors(checkpoints, tmp_path):
     import shutil
 
@@ -262,6 +270,7 @@ class Payload:
     """Stands for an arbitrary object in a pickle: it must never be constructed."""
 
 
+@pytest.mark.distributed
 def test_checkpoints_are_never_unpickled(checkpoints, tmp_path):
     import shutil
 
@@ -280,6 +289,7 @@ def test_checkpoints_are_never_unpickled(checkpoints, tmp_path):
     assert "refusing to load" in line
 
 
+@pytest.mark.distributed
 def test_init_from_seeds_continued_pretraining(checkpoints, shards_dir, tmp_path):
     trained = read_checkpoint(checkpoints["all"])
     save_native(trained.state, trained.cfg, trained.tokenizer_dir, tmp_path / "native")
@@ -299,6 +309,7 @@ def test_init_from_seeds_continued_pretraining(checkpoints, shards_dir, tmp_path
     assert other.returncode != 0 and "holds a different model config" in other.stderr
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("cls", ["BertForMaskedLM", "BertForPreTraining"])
 def test_bert_imports_as_unshared_albert_with_e_equal_h(tmp_path, cls):
     torch.manual_seed(0)

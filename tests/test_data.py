@@ -24,6 +24,7 @@ def files_of(folder):
 # --- tokenizer -----------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_tokenizer_has_fixed_special_ids(tokenizer_dir):
     tok = Tokenizer(tokenizer_dir)
     assert tok.info.special_ids == {
@@ -42,6 +43,7 @@ def test_tokenizer_has_fixed_special_ids(tokenizer_dir):
     assert tok.word_start[tok.sp.piece_to_id("\u2581king")]
 
 
+@pytest.mark.unit
 def test_tokenizer_training_is_deterministic_and_checksummed(corpus_dir, tmp_path):
     infos = []
     for name in ("a", "b"):
@@ -52,6 +54,7 @@ def test_tokenizer_training_is_deterministic_and_checksummed(corpus_dir, tmp_pat
     assert json.loads((tmp_path / "a" / INFO_FILE).read_text())["model_type"] == "bpe"
 
 
+@pytest.mark.unit
 def test_tokenizer_lowercase_and_sampling(corpus_dir, tmp_path):
     docs = iter_documents([corpus_dir], "text", ReadReport())
     train_tokenizer(docs, tmp_path, vocab_size=80, lowercase=True, input_sentence_size=200)
@@ -59,6 +62,7 @@ def test_tokenizer_lowercase_and_sampling(corpus_dir, tmp_path):
     assert tok.sp.encode("The KING") == tok.sp.encode("the king")
 
 
+@pytest.mark.e2e
 def test_tokenizer_cli(corpus_dir, tmp_path, cli):
     out = tmp_path / "tok"
     args = ["tokenizer/train.py", "--input", str(corpus_dir), "--vocab-size", "150"]
@@ -72,6 +76,7 @@ def test_tokenizer_cli(corpus_dir, tmp_path, cli):
     ]
 
 
+@pytest.mark.unit
 def test_tampered_tokenizer_is_refused(tokenizer_dir, tmp_path):
     copy = tmp_path / "tok"
     shutil.copytree(tokenizer_dir, copy)
@@ -83,6 +88,7 @@ def test_tampered_tokenizer_is_refused(tokenizer_dir, tmp_path):
 # --- preprocessing -------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_preprocess_writes_shards_and_metadata(shards_dir, tokenizer_dir):
     meta = json.loads((shards_dir / METADATA).read_text())
     assert meta["dtype"] == "uint16"
@@ -105,6 +111,7 @@ def test_preprocess_writes_shards_and_metadata(shards_dir, tokenizer_dir):
     assert Tokenizer(shards_dir / "tokenizer").info.checksum == meta["tokenizer"]["checksum"]
 
 
+@pytest.mark.unit
 def test_shards_hold_the_tokenized_text(corpus_dir, tokenizer_dir, tmp_path):
     out = tmp_path / "data"
     preprocess([str(corpus_dir / "doc00.txt")], tokenizer_dir, out)
@@ -118,6 +125,7 @@ def test_shards_hold_the_tokenized_text(corpus_dir, tokenizer_dir, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.unit
 def test_preprocess_is_byte_identical_across_runs(corpus_dir, tokenizer_dir, tmp_path):
     preprocess([str(corpus_dir)], tokenizer_dir, tmp_path / "a", held_out=0.2, shard_tokens=3000)
     preprocess(
@@ -133,6 +141,7 @@ def test_preprocess_is_byte_identical_across_runs(corpus_dir, tokenizer_dir, tmp
     assert a == b
 
 
+@pytest.mark.unit
 def test_small_shards_split_at_document_boundaries(corpus_dir, tokenizer_dir, tmp_path):
     out = tmp_path / "data"
     meta = preprocess([str(corpus_dir)], tokenizer_dir, out, shard_tokens=2000)
@@ -144,6 +153,7 @@ def test_small_shards_split_at_document_boundaries(corpus_dir, tokenizer_dir, tm
     assert len(whole) == meta["splits"]["train"]["tokens"]
 
 
+@pytest.mark.unit
 def test_structured_inputs(tokenizer_dir, tmp_path):
     import datasets
 
@@ -191,6 +201,7 @@ def assert_nothing_left(parent, output):
     assert not [p for p in parent.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.e2e
 def test_empty_corpus_fails_cleanly(tokenizer_dir, tmp_path, cli):
     corpus = tmp_path / "empty"
     corpus.mkdir()
@@ -206,6 +217,7 @@ def test_empty_corpus_fails_cleanly(tokenizer_dir, tmp_path, cli):
     assert "no input files found" in line
 
 
+@pytest.mark.e2e
 def test_unknown_text_field_names_the_fields(tokenizer_dir, tmp_path, cli):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"body": "The king speaks."}\n{"body": "The queen weeps."}\n')
@@ -219,6 +231,7 @@ def test_unknown_text_field_names_the_fields(tokenizer_dir, tmp_path, cli):
     assert "--text-field 'txt' not found" in line and "(fields: body, id)" in line
 
 
+@pytest.mark.e2e
 def test_malformed_json_lines_are_skipped_and_counted(tokenizer_dir, tmp_path, cli):
     path = tmp_path / "rows.jsonl"
     path.write_text(
@@ -249,6 +262,7 @@ def test_malformed_json_lines_are_skipped_and_counted(tokenizer_dir, tmp_path, c
     assert f"skipped 1 rows: malformed_json (first at {path}:2)" in result.stdout
 
 
+@pytest.mark.e2e
 def test_non_utf8_bytes_are_replaced_and_counted(tokenizer_dir, tmp_path, cli):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -265,6 +279,7 @@ def test_non_utf8_bytes_are_replaced_and_counted(tokenizer_dir, tmp_path, cli):
     assert "1 documents had non-UTF-8 bytes replaced" in result.stdout
 
 
+@pytest.mark.unit
 def test_shard_size_disagreeing_with_index(shards_dir, tmp_path):
     copy = tmp_path / "data"
     shutil.copytree(shards_dir, copy)
@@ -274,6 +289,7 @@ def test_shard_size_disagreeing_with_index(shards_dir, tmp_path):
         TokenShards(copy)
 
 
+@pytest.mark.unit
 def test_shards_from_another_tokenizer(shards_dir, corpus_dir, tmp_path):
     other = tmp_path / "tok"
     docs = iter_documents([corpus_dir], "text", ReadReport())
@@ -291,6 +307,7 @@ def test_shards_from_another_tokenizer(shards_dir, corpus_dir, tmp_path):
         PretrainDataset(cfg)
 
 
+@pytest.mark.e2e
 def test_output_holding_different_data_is_left_alone(
     corpus_dir, shards_dir, tokenizer_dir, tmp_path, cli
 ):
@@ -312,6 +329,7 @@ def test_output_holding_different_data_is_left_alone(
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.e2e
 def test_missing_tokenizer_and_inputs(corpus_dir, tokenizer_dir, tmp_path, cli):
     line = one_error_line(run_preprocess(cli, [corpus_dir], tmp_path / "none", tmp_path / "o"))
     assert "has no spiece.model" in line
@@ -321,11 +339,13 @@ def test_missing_tokenizer_and_inputs(corpus_dir, tokenizer_dir, tmp_path, cli):
     assert "does not exist" in line
 
 
+@pytest.mark.unit
 def test_held_out_must_leave_training_data(corpus_dir, tokenizer_dir, tmp_path):
     with pytest.raises(DataError, match="leaves none for training"):
         preprocess([str(corpus_dir)], tokenizer_dir, tmp_path / "o", held_out=24)
 
 
+@pytest.mark.e2e
 def test_prepare_corpus(tmp_path, cli):
     result = cli("tools/prepare_corpus.py", "--output", str(tmp_path / "shakespeare"))
     assert result.returncode == 0, result.stderr

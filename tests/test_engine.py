@@ -11,6 +11,7 @@ from pretrain.config import EngineConfig, OptimConfig
 from pretrain.engine.ds_config import build_ds_config
 
 
+@pytest.mark.unit
 def test_ds_config_states_what_the_run_relies_on():
     ds = build_ds_config(
         EngineConfig(zero_stage=3, micro_batch_size=4, grad_accum_steps=3, precision="bf16"),
@@ -31,6 +32,7 @@ def test_ds_config_states_what_the_run_relies_on():
     assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("engine", "expected"),
     [
@@ -49,6 +51,7 @@ def test_offload_options(engine, expected):
 EXPLODE = ["--optim.lr=1e30", "--optim.grad_clip=0", "--train.max_steps=4", "--checkpoint.every=1"]
 
 
+@pytest.mark.distributed
 def test_nonfinite_loss_is_skipped_and_reported(shards_dir, tmp_path):
     out = tmp_path / "run"
     result = run_single(shards_dir, out, *EXPLODE, "--train.on_nonfinite=skip")
@@ -59,6 +62,7 @@ def test_nonfinite_loss_is_skipped_and_reported(shards_dir, tmp_path):
     assert any(r["skipped_micro_batches"] > 0 for r in rows[1:])
 
 
+@pytest.mark.distributed
 def test_nonfinite_loss_stops_with_the_last_checkpoint_intact(shards_dir, tmp_path):
     out = tmp_path / "run"
     result = run_single(shards_dir, out, *EXPLODE, "--train.on_nonfinite=stop")

@@ -64,6 +64,7 @@ def flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.distributed
 def test_a_save_lists_every_file_and_each_fault_is_named(run):
     tag_dir = run / "checkpoints" / STEP4
     listed = set(json.loads((tag_dir / MANIFEST).read_text())["files"])
@@ -84,6 +85,7 @@ def test_a_save_lists_every_file_and_each_fault_is_named(run):
     assert verify(tag_dir) == "no manifest.json (a save that did not finish)"
 
 
+@pytest.mark.distributed
 def test_pruning_keeps_valid_checkpoints_over_broken_ones(run):
     ckpt = run / "checkpoints"
     broken_copy(ckpt, STEP2, "step00000003")  # broken, older than the newest valid
@@ -96,6 +98,7 @@ def test_pruning_keeps_valid_checkpoints_over_broken_ones(run):
     assert checkpoint.step_tags(ckpt) == ["step00000009"]
 
 
+@pytest.mark.distributed
 def test_resume_skips_a_broken_newer_save_and_pruning_removes_it(run, shards_dir):
     ckpt = run / "checkpoints"
     broken_copy(ckpt, STEP4, "step00000005")
@@ -115,6 +118,7 @@ def test_resume_skips_a_broken_newer_save_and_pruning_removes_it(run, shards_dir
     assert verify(ckpt / "step00000006") is None
 
 
+@pytest.mark.distributed
 def test_export_skips_a_broken_save_and_refuses_it_by_name(run, tmp_path, cli):
     ckpt = run / "checkpoints"
     broken_copy(ckpt, STEP4, "step00000006")
@@ -139,6 +143,7 @@ class Plant:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "pattern", ["mp_rank_00_model_states.pt", "*_optim_states.pt", "rng_rank*.pt"]
 )
@@ -185,6 +190,7 @@ def one_error(result) -> str:
     return errors[0]
 
 
+@pytest.mark.distributed
 def test_requests_that_cannot_be_honoured_are_errors(run, shards_dir):
     line = one_error(resume(run, shards_dir, "--train.max_steps=3"))
     assert "it is at step 4, past train.max_steps (3)" in line
@@ -197,6 +203,7 @@ def test_requests_that_cannot_be_honoured_are_errors(run, shards_dir):
     assert checkpoint.step_tags(run / "checkpoints") == [STEP2, STEP4]  # nothing touched
 
 
+@pytest.mark.distributed
 def test_an_extended_schedule_is_replanned_from_the_step_reached(run, shards_dir):
     decay = ["--optim.decay=linear", "--optim.min_lr_ratio=0.1", "--optim.warmup_steps=0"]
     result = resume(run, shards_dir, "--train.max_steps=8", "--train.replan_schedule=true", *decay)
@@ -209,6 +216,7 @@ def test_an_extended_schedule_is_replanned_from_the_step_reached(run, shards_dir
     assert logged == {k: pytest.approx(0.003 * lr_factor(k, cfg, 8)) for k in range(5, 9)}
 
 
+@pytest.mark.distributed
 def test_a_diverged_run_stops_and_keeps_the_last_sound_checkpoint(run, shards_dir):
     """lr 1e30 from step 4 on: every later loss is non-finite, so no step is taken; after
     3 such steps the run ends in one line, having saved nothing of the diverged state."""
@@ -237,6 +245,7 @@ def preprocess(cli, corpus: Path, tokenizer_dir: Path, out: Path):
     return cli("tools/preprocess.py", *args)
 
 
+@pytest.mark.e2e
 def test_bytes_that_are_not_text_never_train_a_tokenizer(tmp_path, tokenizer_dir, cli):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -261,6 +270,7 @@ def test_bytes_that_are_not_text_never_train_a_tokenizer(tmp_path, tokenizer_dir
     assert not (tmp_path / "shards").exists()
 
 
+@pytest.mark.e2e
 def test_utf16_and_utf32_files_are_decoded_and_counted(tmp_path, tokenizer_dir, cli):
     """The same verse as UTF-8, UTF-16 (with and without a byte-order mark) and UTF-32:
     four documents of identical tokens, not one of text and three of <unk>."""
@@ -296,6 +306,7 @@ def rank_processes(out: Path) -> list:
     return [p for p in psutil.process_iter() if is_rank(p)]
 
 
+@pytest.mark.distributed
 def test_sigterm_to_the_launcher_returns_after_the_ranks_saved_and_resumes(
     shards_dir, tmp_path, spawn
 ):
@@ -324,6 +335,7 @@ def test_sigterm_to_the_launcher_returns_after_the_ranks_saved_and_resumes(
     assert max(losses(out)) == saved + 2
 
 
+@pytest.mark.distributed
 def test_a_busy_port_is_one_line_and_the_default_port_is_free(shards_dir, tmp_path):
     with socket.socket() as held:
         held.bind(("", 0))
@@ -357,6 +369,7 @@ def test_a_busy_port_is_one_line_and_the_default_port_is_free(shards_dir, tmp_pa
 # -- failing ranks and checks before they start ------------------------------------------------
 
 
+@pytest.mark.distributed
 def test_what_a_run_reads_and_writes_is_checked_before_any_rank_starts(shards_dir, tmp_path):
     (tmp_path / "file").write_text("not a directory")
     args = launch_args("tiny-albert.yaml", shards_dir, tmp_path / "file", "--train.max_steps=2")
@@ -371,6 +384,7 @@ def test_what_a_run_reads_and_writes_is_checked_before_any_rank_starts(shards_di
     assert "launch.py" not in result.stderr  # no rank was started
 
 
+@pytest.mark.distributed
 def test_one_failing_rank_ends_the_job_fast_and_says_why_once(run, shards_dir):
     """Rank 1 alone cannot read its file: the job ends within seconds of the error (an
     orderly exit used to wait ~40 s on gloo), with that rank's line and its status."""

@@ -93,6 +93,7 @@ def finetune(model: Path, train: Path, evaluation: Path, output: Path, *extra: s
     )
 
 
+@pytest.mark.parity
 def test_tokenizer_round_trips_offline_with_sentencepiece_ids(hf_albert, tokenizer_dir):
     from pretrain.data.tokenizer import Tokenizer
 
@@ -112,6 +113,7 @@ def test_tokenizer_round_trips_offline_with_sentencepiece_ids(hf_albert, tokeniz
     assert ours.id("mask") not in ours.encode(["the [MASK] king"])[0]
 
 
+@pytest.mark.e2e
 def test_finetune_learns_cue_words(hf_albert, tmp_path):
     train = write_csv(tmp_path / "train.csv", rows(320, seed=1))
     evaluation = write_jsonl(tmp_path / "eval.jsonl", rows(100, seed=2))
@@ -138,6 +140,7 @@ def test_finetune_learns_cue_words(hf_albert, tmp_path):
     assert [model.config.id2label[i] for i in predicted] == ["cue", "plain"]
 
 
+@pytest.mark.e2e
 def test_missing_label_column_names_the_columns(hf_albert, tmp_path):
     train = write_csv(tmp_path / "train.csv", [{"text": "a b", "y": 0}, {"text": "c", "y": 1}])
     result = finetune(hf_albert, train, train, tmp_path / "out")
@@ -147,6 +150,7 @@ def test_missing_label_column_names_the_columns(hf_albert, tmp_path):
     assert "'label'" in errors[0] and "text, y" in errors[0] and "--label-field" in errors[0]
 
 
+@pytest.mark.e2e
 def test_unseen_eval_label_is_one_error_line(hf_albert, tmp_path):
     train = write_csv(
         tmp_path / "train.csv", [{"text": "a", "label": 0}, {"text": "b", "label": 1}]

@@ -11,6 +11,8 @@ import pytest
 
 from tools.check_learning import SYMBOLS, VARIANTS
 
+pytestmark = pytest.mark.distributed
+
 SOLVED = 0.9  # held-out accuracy; chance is 1 / SYMBOLS
 UNSOLVED = 0.5
 

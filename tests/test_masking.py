@@ -20,6 +20,8 @@ from pretrain.data.masking import (
     masking_rng,
 )
 
+pytestmark = pytest.mark.unit
+
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIALS = frozenset({PAD, UNK, CLS, SEP, MASK})
 VOCAB = 1000

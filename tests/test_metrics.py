@@ -22,6 +22,8 @@ from pretrain.metrics import (
 )
 from pretrain.metrics import throughput as compute_throughput
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("device_name", "expected"),

@@ -33,6 +33,7 @@ def loss_of(model: SharedTransformer, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("family", ["albert", "llama"])
 @pytest.mark.parametrize(
     "sharing", [{"strategy": "all"}, {"strategy": "cycle", "num_sets": 2}], ids=["all", "cycle"]
@@ -61,6 +62,7 @@ def test_shared_gradient_is_sum_of_per_use_gradients(family, sharing):
             )
 
 
+@pytest.mark.unit
 def test_llama_is_causal():
     model = tiny_model("llama")
     ids = random_ids(length=16)
@@ -73,6 +75,7 @@ def test_llama_is_causal():
         assert not torch.allclose(logits[:, t + 1 :], base[:, t + 1 :])
 
 
+@pytest.mark.unit
 def test_llama_is_causal_with_padding_mask():
     model = tiny_model("llama")
     ids = random_ids(length=16)
@@ -87,6 +90,7 @@ def test_llama_is_causal_with_padding_mask():
     torch.testing.assert_close(base[1, :12], model(ids).logits[1, :12], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_albert_is_bidirectional():
     model = tiny_model("albert")
     ids = random_ids(length=16)
@@ -95,6 +99,7 @@ def test_albert_is_bidirectional():
     assert not torch.allclose(model(ids).logits[:, 0], model(changed).logits[:, 0])
 
 
+@pytest.mark.unit
 def test_albert_padding_is_invisible():
     model = tiny_model("albert")
     ids = random_ids(length=16)
@@ -107,6 +112,7 @@ def test_albert_padding_is_invisible():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_predict_mask_selects_positions():
     model = tiny_model("albert")
     ids = random_ids(length=16)
@@ -118,6 +124,7 @@ def test_predict_mask_selects_positions():
     torch.testing.assert_close(selected, full[mask], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_heads_and_shapes():
     albert = tiny_model("albert")
     out = albert(random_ids(), token_type_ids=torch.zeros(2, 12, dtype=torch.long))
@@ -133,12 +140,14 @@ def test_heads_and_shapes():
     assert "head.bias" in dict(albert.named_parameters())
 
 
+@pytest.mark.unit
 def test_projection_dropped_when_e_equals_h():
     model = tiny_model("albert", embedding_size=32)
     assert model.embeddings.project is None
     assert tiny_model("albert").embeddings.project is not None
 
 
+@pytest.mark.unit
 def test_activation_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     model = SharedTransformer(tiny_config("albert", sharing={"strategy": "all"}, dropout=0.0))
@@ -156,6 +165,7 @@ def test_activation_checkpointing_gives_same_gradients():
             assert p.grad is None, n
 
 
+@pytest.mark.unit
 class TestUniversalTransformer:
     def model(self, bias: float) -> SharedTransformer:
         model = tiny_model(sharing={"strategy": "all"}, universal={"enabled": True})
@@ -193,12 +203,14 @@ class TestUniversalTransformer:
         assert model.encoder.act.halt.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.e2e
 def test_model_package_never_imports_deepspeed(cli):
     code = "import sys, pretrain.model; sys.exit(1 if 'deepspeed' in sys.modules else 0)"
     result = cli("-c", code)
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.unit
 def test_model_sources_import_no_distribution():
     for path in Path(REPO / "pretrain" / "model").glob("*.py"):
         tree = ast.parse(path.read_text())
@@ -212,6 +224,7 @@ def test_model_sources_import_no_distribution():
                 assert not name.startswith(("deepspeed", "torch.distributed")), (path, name)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "variant",
     [

@@ -12,6 +12,8 @@ from pretrain.data.masking import IGNORE_INDEX
 from pretrain.model import SharedTransformer
 from pretrain.objectives import clm_loss, compute_loss, mlm_loss, model_inputs
 
+pytestmark = pytest.mark.unit
+
 
 def mlm_batch(seed=0, B=3, T=12):
     g = torch.Generator().manual_seed(seed)

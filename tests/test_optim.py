@@ -35,6 +35,7 @@ def grouped_names(model: nn.Module, groups: list[dict]) -> list[list[str]]:
     return [[names[id(p)] for p in g["params"]] for g in groups]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", MODELS)
 def test_param_groups_decay_exactly_the_linear_matrices(kind):
     model = MODELS[kind]()
@@ -57,6 +58,7 @@ def names_by_group(kind: str) -> list[list[str]]:
     return grouped_names(model, param_groups(model, 0.1))
 
 
+@pytest.mark.unit
 def test_param_groups_name_the_special_cases():
     _, albert = names_by_group("albert")
     assert {"head.bias", "embeddings.positions.weight", "embeddings.token_types.weight"} <= set(
@@ -71,6 +73,7 @@ def test_param_groups_name_the_special_cases():
     assert "encoder.act.halt.weight" in decayed and "encoder.act.halt.bias" in undecayed
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", MODELS)
 def test_param_groups_cover_every_parameter_once(kind):
     model = MODELS[kind]()
@@ -92,6 +95,7 @@ class Shared(nn.Module):
         self.norm = nn.LayerNorm(4)
 
 
+@pytest.mark.unit
 def test_shared_parameters_are_listed_once():
     model = Shared()
     decayed, undecayed = grouped_names(model, param_groups(model, 0.1))
@@ -99,6 +103,7 @@ def test_shared_parameters_are_listed_once():
     assert sorted(undecayed) == ["block.bias", "norm.bias", "norm.weight", "table.weight"]
 
 
+@pytest.mark.unit
 def test_empty_groups_are_dropped():
     groups = param_groups(nn.LayerNorm(4), 0.1)
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
@@ -140,6 +145,7 @@ def run_steps(opt, params, grads, steps):
         opt.step()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("steps", [1, 5])
 def test_lamb_matches_reference(steps):
     params, grads = make_params_and_grads(steps)
@@ -153,6 +159,7 @@ def test_lamb_matches_reference(steps):
         torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.unit
 def test_lamb_trust_ratio_is_one_for_a_zero_weight():
     p, g = nn.Parameter(torch.zeros(6)), torch.linspace(-3, 2, 6)
     p.grad = g.clone()
@@ -161,6 +168,7 @@ def test_lamb_trust_ratio_is_one_for_a_zero_weight():
     torch.testing.assert_close(p.detach(), -0.1 * g / (g.abs() + 1e-6), rtol=1e-6, atol=0)
 
 
+@pytest.mark.unit
 def test_lamb_zero_update_leaves_a_zero_weight_finite():
     p = nn.Parameter(torch.zeros(3))
     p.grad = torch.zeros(3)
@@ -168,6 +176,7 @@ def test_lamb_zero_update_leaves_a_zero_weight_finite():
     assert torch.equal(p.detach(), torch.zeros(3))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("name", "shrink"), [("lamb", 1 - 0.01), ("adamw", 1 - 0.01 * 0.1)])
 def test_weight_decay_only_in_the_decayed_group(name, shrink):
     # With zero gradients only decay moves a weight: LAMB's trust ratio scales wd * w back
@@ -186,6 +195,7 @@ def test_weight_decay_only_in_the_decayed_group(name, shrink):
         assert torch.equal(after[n].detach(), before[n]), n
 
 
+@pytest.mark.unit
 def test_lamb_state_dict_round_trip_continues_identically():
     params, grads = make_params_and_grads(5)
     opt = Lamb(params, lr=0.05, weight_decay=0.1)
@@ -205,6 +215,7 @@ def test_lamb_state_dict_round_trip_continues_identically():
         assert not torch.equal(p, f)  # the loaded moments and step count matter
 
 
+@pytest.mark.unit
 def test_lamb_trains_the_tiny_model():
     model = tiny_model("albert", sop_head=False).train()
     ids = random_ids(batch=4, length=12)
@@ -224,6 +235,7 @@ def test_lamb_trains_the_tiny_model():
 # Building
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("name", "cls"), [("adamw", torch.optim.AdamW), ("lamb", Lamb)])
 def test_build_optimizer(name, cls):
     cfg = OptimConfig(name=name, lr=3e-4, weight_decay=0.05, betas=(0.8, 0.95), eps=1e-8)
@@ -234,6 +246,7 @@ def test_build_optimizer(name, cls):
         assert (g["lr"], tuple(g["betas"]), g["eps"]) == (3e-4, (0.8, 0.95), 1e-8)
 
 
+@pytest.mark.unit
 def test_adamw_is_fused_and_updates_as_the_foreach_kernel():
     """The fused kernel is the fast path, not a different optimizer: three updates of a
     model land where torch's multi-tensor AdamW puts them, to fp32 rounding."""
@@ -254,6 +267,7 @@ def test_adamw_is_fused_and_updates_as_the_foreach_kernel():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.e2e
 def test_optim_module_does_not_import_deepspeed(cli):
     code = "import sys, pretrain.engine.optim; assert 'deepspeed' not in sys.modules"
     result = cli("-c", code)
@@ -269,6 +283,7 @@ def factors(max_steps: int, extra: int = 5, **cfg) -> list[float]:
     return [lr_factor(k, optim, max_steps) for k in range(max_steps + extra)]
 
 
+@pytest.mark.unit
 def test_warmup_then_linear_decay():
     f = factors(110, warmup_steps=10, decay="linear")
     assert f[0] == 0.1 and f[4] == 0.5 and f[9] == 1.0  # (step + 1) / warmup
@@ -276,6 +291,7 @@ def test_warmup_then_linear_decay():
     assert f[109] == 0.0 and f[114] == 0.0
 
 
+@pytest.mark.unit
 def test_warmup_then_cosine_decay():
     f = factors(110, warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
     assert f[0] == 0.1 and f[9] == 1.0
@@ -284,12 +300,14 @@ def test_warmup_then_cosine_decay():
     assert f[109] == 0.1 and f[114] == 0.1
 
 
+@pytest.mark.unit
 def test_constant_after_warmup():
     f = factors(20, warmup_steps=4, decay="constant", min_lr_ratio=0.3)
     assert f[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(x == 1.0 for x in f[4:])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("decay", ["linear", "cosine"])
 def test_no_warmup_starts_at_the_peak(decay):
     f = factors(11, warmup_steps=0, decay=decay, min_lr_ratio=0.2)
@@ -297,6 +315,7 @@ def test_no_warmup_starts_at_the_peak(decay):
     assert f[5] == pytest.approx(0.6, abs=1e-12)  # halfway, for either shape
 
 
+@pytest.mark.unit
 def test_linear_decay_to_a_floor():
     f = factors(21, warmup_steps=1, decay="linear", min_lr_ratio=0.25)
     assert f[0] == 1.0  # one warmup step is the peak itself
@@ -304,6 +323,7 @@ def test_linear_decay_to_a_floor():
     assert f[20] == 0.25 and min(f) == 0.25
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("decay", ["linear", "cosine", "constant"])
 @pytest.mark.parametrize("warmup", [0, 1, 7])
 @pytest.mark.parametrize("floor", [0.0, 0.1])
@@ -316,6 +336,7 @@ def test_schedule_is_monotone(decay, warmup, floor):
     assert all(floor <= x <= 1.0 for x in f[peak:])
 
 
+@pytest.mark.unit
 def test_scheduler_sets_the_lr_of_each_step():
     cfg = OptimConfig(name="lamb", lr=0.1, weight_decay=0.0, warmup_steps=4, decay="cosine")
     p = nn.Parameter(torch.zeros(3))
@@ -331,6 +352,7 @@ def test_scheduler_sets_the_lr_of_each_step():
             torch.testing.assert_close(used, torch.full((3,), 0.1 / 4), rtol=1e-6, atol=0)
 
 
+@pytest.mark.unit
 def test_scheduler_state_dict_round_trip():
     cfg = OptimConfig(lr=0.1, warmup_steps=3, decay="linear", min_lr_ratio=0.1)
 
@@ -354,6 +376,7 @@ def test_scheduler_state_dict_round_trip():
         assert [g["lr"] for g in o.param_groups] == [0.1 * lr_factor(6, cfg, 10)] * 2
 
 
+@pytest.mark.unit
 def test_warmup_longer_than_the_run_is_refused():
     cfg = OptimConfig(warmup_steps=11)
     with pytest.raises(ConfigError, match=r"optim.warmup_steps \(11\).*train.max_steps \(10\)"):

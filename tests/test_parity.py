@@ -10,6 +10,8 @@ from helpers import random_ids, tiny_config
 from pretrain.export import ConversionError, hf_albert, hf_llama
 from pretrain.model import SharedTransformer
 
+pytestmark = pytest.mark.parity
+
 TOL = 1e-5  # fp32
 V = 300
 # Large enough weights that near-identical functions (exact vs tanh GELU, eps, scaling)

@@ -36,6 +36,7 @@ def rank_of(model) -> int:
     return next(iter(model.encoder.deltas["0"].values())).down.weight.shape[0]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("ratio", [0.75, 0.5, 0.25, 0.1])
 def test_rank_spends_the_rest_of_the_budget(ratio):
     model = relaxed(ratio=ratio)
@@ -48,17 +49,20 @@ def test_rank_spends_the_rest_of_the_budget(ratio):
     assert shared / (shared + deltas + per_rank) < ratio
 
 
+@pytest.mark.unit
 def test_ratio_too_close_to_one_for_the_model_size_is_refused():
     with pytest.raises(ConfigError, match=r"sharing.ratio \(0.9\) leaves no room.*<= 0.76"):
         relaxed(ratio=0.9)
 
 
+@pytest.mark.unit
 def test_ratio_one_is_pure_sharing():
     model = relaxed(ratio=1.0)
     assert len(model.encoder.deltas) == 0
     assert model(random_ids()).tie_penalty is None
 
 
+@pytest.mark.unit
 def test_deltas_start_at_zero_so_training_starts_shared():
     pure = relaxed(ratio=1.0, seed=0)
     soft = relaxed(ratio=0.5, seed=0)
@@ -69,6 +73,7 @@ def test_deltas_start_at_zero_so_training_starts_shared():
     assert soft(ids).tie_penalty.item() == 0.0
 
 
+@pytest.mark.unit
 def test_deltas_cover_every_shared_linear_of_every_range_layer():
     model = relaxed(ratio=0.5, start=1, end=4)
     assert sorted(model.encoder.deltas.keys()) == ["1", "2", "3", "4"]
@@ -79,6 +84,7 @@ def test_deltas_cover_every_shared_linear_of_every_range_layer():
     assert sorted(llama.encoder.deltas["0"].keys()) == ["down", "gate", "o", "q", "up", "v"]
 
 
+@pytest.mark.unit
 def test_deltas_make_layers_differ_and_train():
     model = relaxed(ratio=0.5)
     perturb_deltas(model)
@@ -89,6 +95,7 @@ def test_deltas_make_layers_differ_and_train():
     assert model.encoder.attention[0].fn.q.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.unit
 def test_tie_penalty_is_sum_of_squared_deltas():
     model = relaxed(ratio=0.5)
     perturb_deltas(model)
@@ -102,6 +109,7 @@ def test_tie_penalty_is_sum_of_squared_deltas():
     assert got > 0
 
 
+@pytest.mark.unit
 def test_folded_deltas_compute_the_same_function():
     model = relaxed(ratio=0.5, strategy="cycle", num_sets=2)
     perturb_deltas(model)
@@ -113,6 +121,7 @@ def test_folded_deltas_compute_the_same_function():
     torch.testing.assert_close(flat(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parity
 def test_relaxed_albert_exports_unrolled_to_hf():
     model = relaxed(ratio=0.5)
     perturb_deltas(model)
@@ -126,6 +135,7 @@ def test_relaxed_albert_exports_unrolled_to_hf():
     assert diff <= 1e-5
 
 
+@pytest.mark.parity
 def test_relaxed_llama_exports_to_hf():
     model = relaxed("llama", ratio=0.5)
     perturb_deltas(model)
@@ -138,6 +148,7 @@ def test_relaxed_llama_exports_to_hf():
         assert (hf(input_ids=ids).logits - model(ids).logits).abs().max() <= 1e-5
 
 
+@pytest.mark.unit
 def test_accounting_counts_deltas_once_per_layer():
     pure, soft = relaxed(ratio=1.0), relaxed(ratio=0.5)
     a, b = count(pure, seq_length=16), count(soft, seq_length=16)
@@ -148,6 +159,7 @@ def test_accounting_counts_deltas_once_per_layer():
     assert b.flops_per_token > a.flops_per_token
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("sharing", "fragment"),
     [

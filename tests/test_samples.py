@@ -13,6 +13,8 @@ from pretrain.data.masking import IGNORE_INDEX
 from pretrain.data.samples import CausalSamples, SOPSamples
 from pretrain.data.shards import TokenShards
 
+pytestmark = pytest.mark.unit
+
 
 def config(shards_dir, family="albert", **overrides):
     name = "tiny-albert.yaml" if family == "albert" else "tiny-llama.yaml"

@@ -8,6 +8,8 @@ from helpers import random_ids, tiny_config, tiny_model
 
 from pretrain.model import STRATEGIES, SharingPlan
 
+pytestmark = pytest.mark.unit
+
 # Tables written out by hand from the strategy definitions in the README.
 TABLES = [
     ("none", 6, None, [0, 1, 2, 3, 4, 5]),

@@ -18,9 +18,12 @@ from pathlib import Path
 import pytest
 from helpers import BASE, REPO, free_port, losses
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="SLURM daemons (slurmctld, slurmd, munged) need root here"
-)
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="SLURM daemons (slurmctld, slurmd, munged) need root here"
+    ),
+]
 
 
 def _install() -> None:

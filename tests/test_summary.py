@@ -23,6 +23,7 @@ def hf_param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parity
 def test_albert_base_unique_params_equal_hf():
     cfg = load_config(REPO / "configs" / "albert-base.yaml")
     hf = transformers.AlbertForPreTraining(
@@ -33,6 +34,7 @@ def test_albert_base_unique_params_equal_hf():
     assert hf_param_count(hf.albert) == 11_683_584
 
 
+@pytest.mark.unit
 def test_effective_params_unroll_shared_blocks():
     cfg = load_config(REPO / "configs" / "albert-base.yaml")
     shared = account(cfg)
@@ -46,6 +48,7 @@ def test_effective_params_unroll_shared_blocks():
     assert shared.effective_params - shared.unique_params == (L - 1) * block
 
 
+@pytest.mark.parity
 def test_llama_unrolled_count_equals_hf():
     cfg = tiny_config("llama", sharing={"strategy": "cycle", "num_sets": 2})  # E=16 < H=32
     model = SharedTransformer(cfg)
@@ -57,6 +60,7 @@ def test_llama_unrolled_count_equals_hf():
     assert acc.effective_params - (V * E + E * H) == hf_param_count(hf) - V * H
 
 
+@pytest.mark.unit
 def test_flops_per_token_by_hand():
     cfg = load_config(REPO / "configs" / "tiny-albert.yaml")
     m, T = cfg.model, cfg.data.seq_length
@@ -71,6 +75,7 @@ def test_flops_per_token_by_hand():
     assert account(cfg).flops_per_token == pytest.approx(3 * forward)
 
 
+@pytest.mark.unit
 def test_flops_scale_with_depth_not_unique_params():
     base = load_config(REPO / "configs" / "tiny-albert.yaml")
     deep = load_config(REPO / "configs" / "tiny-albert.yaml", ["--model.num_layers=8"])
@@ -81,6 +86,7 @@ def test_flops_scale_with_depth_not_unique_params():
     assert b.flops_per_token == pytest.approx(a.flops_per_token + 4 * per_layer)
 
 
+@pytest.mark.e2e
 def test_summary_cli_json(cli):
     result = cli("-m", "pretrain.summary", "configs/ut-base.yaml", "--json")
     assert result.returncode == 0, result.stderr
@@ -97,6 +103,7 @@ def test_summary_cli_json(cli):
     assert data["effective_params"] > 7 * data["unique_params"]
 
 
+@pytest.mark.e2e
 def test_summary_cli_table_with_overrides(cli):
     result = cli(
         "-m",
@@ -115,10 +122,12 @@ def test_summary_cli_table_with_overrides(cli):
     assert f"{account(cfg).unique_params:,}" in total
 
 
+@pytest.mark.unit
 def test_default_config_accounts():
     assert account(Config()).unique_params > 0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "name, overrides",
     [

@@ -23,6 +23,8 @@ from helpers import (
     wait_for_step,
 )
 
+pytestmark = pytest.mark.distributed
+
 STEPS = 8
 
 

@@ -20,6 +20,14 @@ TIERS = ("unit", "distributed", "parity", "e2e", "slurm")
 PROCESS_FIXTURES = {"cli", "spawn"}
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        help="write the golden files under tests/golden from this run instead of comparing",
+    )
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked
 def pytest_collection_modifyitems(config, items):
     problems = []
@@ -37,6 +45,11 @@ def pytest_collection_modifyitems(config, items):
             f"every test needs exactly one tier marker of {', '.join(TIERS)}:\n  "
             + "\n  ".join(problems)
         )
+
+
+@pytest.fixture
+def update_golden(request) -> bool:
+    return request.config.getoption("--update-golden")
 
 
 @pytest.fixture

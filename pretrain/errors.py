@@ -1,8 +1,9 @@
 """Errors meant for the person running a command: printed as one line, exit status 2."""
 
+import difflib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NoReturn
 
 
@@ -12,6 +13,12 @@ class UserError(Exception):
     collective = False
     """Raised by every rank alike (from the same files, or after a vote across ranks): only
     rank 0 prints it, so a job says it once."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices` to a mistyped `word`, else ''."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def print_error(err: UserError) -> None:

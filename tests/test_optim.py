@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers import random_ids, tiny_model
 from torch import nn
 
-from pretrain.config import ConfigError, OptimConfig
+from pretrain.config import ConfigError, OptimConfig, load_config
 from pretrain.engine.optim import Lamb, build_optimizer, build_scheduler, lr_factor, param_groups
 
 # Everything that must not decay, by name: biases, norm gains, embedding tables.
@@ -378,6 +378,6 @@ def test_scheduler_state_dict_round_trip():
 
 @pytest.mark.unit
 def test_warmup_longer_than_the_run_is_refused():
-    cfg = OptimConfig(warmup_steps=11)
+    overrides = ["--optim.warmup_steps=11", "--train.max_steps=10"]
     with pytest.raises(ConfigError, match=r"optim.warmup_steps \(11\).*train.max_steps \(10\)"):
-        build_scheduler(build_optimizer(nn.Linear(2, 2), cfg), cfg, max_steps=10)
+        load_config(overrides=overrides)

@@ -9,7 +9,7 @@ from helpers import random_ids, tiny_config
 
 from pretrain.config import ConfigError
 from pretrain.export import hf_albert, hf_llama
-from pretrain.export.common import fold_deltas
+from pretrain.export.common import fold_relaxed
 from pretrain.model import SharedTransformer, count
 
 
@@ -113,7 +113,7 @@ def test_tie_penalty_is_sum_of_squared_deltas():
 def test_folded_deltas_compute_the_same_function():
     model = relaxed(ratio=0.5, strategy="cycle", num_sets=2)
     perturb_deltas(model)
-    state, flat_cfg = fold_deltas(model.state_dict(), model.cfg)
+    state, flat_cfg = fold_relaxed(model.state_dict(), model.cfg)
     assert flat_cfg.sharing.strategy == "none"
     flat = SharedTransformer(flat_cfg).eval()
     flat.load_state_dict(state, strict=True)

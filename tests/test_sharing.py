@@ -26,7 +26,7 @@ TABLES = [
 
 @pytest.mark.parametrize(("strategy", "L", "M", "expected"), TABLES)
 def test_strategy_tables(strategy, L, M, expected):
-    assert STRATEGIES[strategy](L, M or 1) == expected
+    assert STRATEGIES[strategy].assign(L, M or 1) == expected
     cfg = tiny_config(num_layers=L, sharing={"strategy": strategy, "num_sets": M})
     plan = SharingPlan.from_config(cfg)
     assert list(plan.attention) == expected

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.config import ConfigError, OptimConfig
+from pretrain.config import OptimConfig
 
 
 def _decayed_ids(model: nn.Module) -> set[int]:
@@ -174,10 +174,6 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over `lr_factor`; call its step() after each optimizer step."""
-    if cfg.warmup_steps > max_steps:
-        raise ConfigError(
-            f"optim.warmup_steps ({cfg.warmup_steps}) must not exceed train.max_steps ({max_steps})"
-        )
     # Checkpoints hold the step count and base lrs; the factor is rebuilt from the config.
     factor = functools.partial(lr_factor, cfg=cfg, max_steps=max_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

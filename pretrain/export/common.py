@@ -9,7 +9,7 @@ import torch
 
 from pretrain.config import ModelConfig, SharingConfig
 from pretrain.errors import UserError
-from pretrain.model.sharing import SharingPlan
+from pretrain.sharing import COMPONENTS, SharingPlan
 
 State = dict[str, torch.Tensor]
 # HF sub-module name (within one layer) -> (our component, our name within that sublayer)
@@ -35,8 +35,7 @@ def rename(src: Mapping[str, torch.Tensor], table: Mapping[str, str]) -> State:
 
 
 def our_layer_key(plan: SharingPlan, layer: int, component: str, name: str) -> str:
-    index = plan.attention[layer] if component == "attention" else plan.ffn[layer]
-    return f"encoder.{component}.{index}.{name}"
+    return f"encoder.{component}.{plan.table(component)[layer]}.{name}"
 
 
 def layers_from_hf(
@@ -106,19 +105,13 @@ def identity_projection(dim: int, dtype: torch.dtype, bias: bool) -> State:
     return out
 
 
-def fold_deltas(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> tuple[State, ModelConfig]:
-    """Relaxed sharing -> the same function without sharing: layer i gets its set's weights
-    plus its own low-rank delta (up @ down). Pure sharing is returned unchanged."""
-    if cfg.sharing.ratio >= 1.0:
-        return dict(state), cfg
-    plan = SharingPlan.from_config(cfg)
-    flat = dataclasses.replace(
-        cfg, sharing=SharingConfig(strategy="none", share_qk=cfg.sharing.share_qk)
-    )
+def fold_deltas(state: Mapping[str, torch.Tensor], plan: SharingPlan) -> State:
+    """The encoder of a relaxed plan without sharing: layer i gets its set's weights plus its
+    own low-rank delta (up @ down), stored as its own set i."""
     out = {k: v for k, v in state.items() if not k.startswith("encoder.")}
     for i in range(plan.num_layers):
-        for component, table in (("attention", plan.attention), ("ffn", plan.ffn)):
-            prefix = f"encoder.{component}.{table[i]}."
+        for component in COMPONENTS:
+            prefix = f"encoder.{component}.{plan.table(component)[i]}."
             for key, tensor in state.items():
                 if not key.startswith(prefix):
                     continue
@@ -128,7 +121,17 @@ def fold_deltas(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> tuple[St
                 if up is not None and name.endswith(".weight"):
                     tensor = tensor + up @ state[f"encoder.deltas.{i}.{role}.down.weight"]
                 out[f"encoder.{component}.{i}.{name}"] = tensor
-    return out, flat
+    return out
+
+
+def fold_relaxed(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> tuple[State, ModelConfig]:
+    """Relaxed sharing -> the same function without sharing (`fold_deltas`) and its config;
+    pure sharing is returned unchanged."""
+    plan = SharingPlan.from_config(cfg)
+    if not plan.relaxed:
+        return dict(state), cfg
+    flat = dataclasses.replace(cfg, sharing=SharingConfig(strategy="none", share_qk=plan.share_qk))
+    return fold_deltas(state, plan), flat
 
 
 def compress(
@@ -139,8 +142,8 @@ def compress(
     new_cfg = dataclasses.replace(cfg, sharing=sharing)
     old, new = SharingPlan.from_config(cfg), SharingPlan.from_config(new_cfg)
     out = {k: v for k, v in state.items() if not k.startswith("encoder.")}
-    for component in ("attention", "ffn"):
-        old_table, new_table = getattr(old, component), getattr(new, component)
+    for component in COMPONENTS:
+        old_table, new_table = old.table(component), new.table(component)
         prefix = f"encoder.{component}.{old_table[0]}."
         names = [k[len(prefix) :] for k in state if k.startswith(prefix)]
         for s in set(new_table):

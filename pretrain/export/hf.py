@@ -16,7 +16,7 @@ from pretrain.data.tokenizer import INFO_FILE, MODEL_FILE, SPECIAL_PIECES
 from pretrain.errors import UserError
 from pretrain.export import hf_albert, hf_llama
 from pretrain.model import ModelOutput
-from pretrain.model.sharing import SharingPlan
+from pretrain.sharing import SharingPlan
 
 
 def _albert_tokenizer(tokenizer_dir: Path, max_length: int):
@@ -91,7 +91,7 @@ def export_notes(cfg: ModelConfig) -> list[str]:
     if cfg.family == "llama":
         return [f"llama: {cfg.num_layers} layers unrolled, factorized embedding folded to V x H"]
     groups = SharingPlan.from_config(cfg).group_count()
-    if cfg.sharing.ratio < 1.0 or groups is None:
+    if groups is None:
         return [
             f"ALBERT cannot express this sharing plan ({cfg.sharing.strategy}, scope"
             f" {cfg.sharing.scope}, range, ratio or shared Q/K): unrolled into"

@@ -17,13 +17,13 @@ from pretrain.export.common import (
     ConversionError,
     State,
     check_identity_projection,
-    fold_deltas,
+    fold_relaxed,
     identity_projection,
     layers_from_hf,
     layers_to_hf,
     rename,
 )
-from pretrain.model.sharing import SharingPlan
+from pretrain.sharing import SharingPlan
 
 LAYER_MAP = {
     "attention.query": ("attention", "fn.q"),
@@ -108,8 +108,6 @@ def albert_family_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
 def _groups(cfg: ModelConfig) -> int:
     """ALBERT groups an export of `cfg` has: the plan's own when it is ALBERT's grouping
     (and not relaxed by per-layer deltas), else one per layer."""
-    if cfg.sharing.ratio < 1.0:
-        return cfg.num_layers
     return SharingPlan.from_config(cfg).group_count() or cfg.num_layers
 
 
@@ -151,7 +149,7 @@ def from_hf(hf_state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> State:
     state.update(
         layers_from_hf(hf_state, plan, lambda i: _group_prefix(_hf_group(i, L, G)), LAYER_MAP)
     )
-    if cfg.sharing.share_qk:
+    if plan.share_qk:
         raise ConversionError("HF ALBERT has separate query and key weights; use share_qk=false")
     if not cfg.sop_head:
         state = {k: v for k, v in state.items() if not k.startswith("sop_head.")}
@@ -162,7 +160,7 @@ def to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> State:
     """Our albert-family state dict -> HF ALBERT (`AlbertForPreTraining` with an SOP head,
     else `AlbertForMaskedLM`) for the groups of `config_to_hf(cfg)`."""
     G = _groups(cfg)
-    state, cfg = fold_deltas(state, cfg)
+    state, cfg = fold_relaxed(state, cfg)
     plan, L = SharingPlan.from_config(cfg), cfg.num_layers
     # Group g is written from the first logical layer that uses it.
     first_layers = [min(i for i in range(L) if _hf_group(i, L, G) == g) for g in range(G)]
@@ -180,7 +178,7 @@ def to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> State:
     hf["predictions.decoder.weight"] = state["embeddings.tokens.weight"]  # tied
     hf["predictions.decoder.bias"] = state["head.bias"]
     layer_map = dict(LAYER_MAP)
-    if cfg.sharing.share_qk:  # HF has a key projection: write the query's into it
+    if plan.share_qk:  # HF has a key projection: write the query's into it
         layer_map["attention.key"] = ("attention", "fn.q")
     hf.update(layers_to_hf(state, plan, first_layers, _group_prefix, layer_map))
     return hf

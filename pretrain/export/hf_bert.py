@@ -16,7 +16,7 @@ import torch
 from pretrain.config import ModelConfig, SharingConfig
 from pretrain.export.common import ConversionError, State, layers_from_hf, rename
 from pretrain.export.hf_albert import albert_family_fields
-from pretrain.model.sharing import SharingPlan
+from pretrain.sharing import SharingPlan
 
 LAYER_MAP = {
     "attention.self.query": ("attention", "fn.q"),

@@ -16,11 +16,11 @@ from pretrain.config import ModelConfig, SharingConfig
 from pretrain.export.common import (
     ConversionError,
     State,
-    fold_deltas,
+    fold_relaxed,
     layers_from_hf,
     layers_to_hf,
 )
-from pretrain.model.sharing import SharingPlan
+from pretrain.sharing import SharingPlan
 
 LAYER_MAP = {
     "self_attn.q_proj": ("attention", "fn.q"),
@@ -122,20 +122,20 @@ def from_hf(hf_state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> State:
     plan = SharingPlan.from_config(cfg)
     state = {"embeddings.tokens.weight": table, "final_norm.weight": hf_state["model.norm.weight"]}
     state.update(layers_from_hf(hf_state, plan, _layer_prefix, LAYER_MAP))
-    if cfg.sharing.share_qk:
+    if plan.share_qk:
         raise ConversionError("HF Llama has separate query and key weights; use share_qk=false")
     return state
 
 
 def to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> State:
     """Our llama-family state dict -> HF `LlamaForCausalLM`, the factorized table folded."""
-    state, cfg = fold_deltas(state, cfg)
+    state, cfg = fold_relaxed(state, cfg)
     table_VE = state["embeddings.tokens.weight"]
     project_HE = state.get("embeddings.project.weight")
     table_VH = table_VE if project_HE is None else table_VE @ project_HE.T
     plan = SharingPlan.from_config(cfg)
     layer_map = dict(LAYER_MAP)
-    if cfg.sharing.share_qk:
+    if plan.share_qk:
         layer_map["self_attn.k_proj"] = ("attention", "fn.q")
     hf = {
         "model.embed_tokens.weight": table_VH,

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.config import ModelConfig
 from pretrain.model.blocks import BlockFamily, LayerContext
 from pretrain.model.relaxed import build_deltas
-from pretrain.model.sharing import SharingPlan
+from pretrain.sharing import SharingPlan
 
 
 def timestep_signal(num_steps: int, dim: int) -> torch.Tensor:
@@ -37,7 +37,7 @@ class SharedEncoder(nn.Module):
             family.attention_sublayer(cfg) for _ in range(self.plan.num_attention_sets)
         )
         self.ffn = nn.ModuleList(family.ffn_sublayer(cfg) for _ in range(self.plan.num_ffn_sets))
-        self.deltas = build_deltas(cfg, self.plan, self.attention, self.ffn)
+        self.deltas = build_deltas(self.plan, {"attention": self.attention, "ffn": self.ffn})
         self.act = AdaptiveComputationTime(cfg) if cfg.universal.enabled else None
         # Set by the engine: recompute each layer in backward (non-reentrant, which is safe
         # with shared weights under ZeRO-2/3, where reentrant checkpointing breaks gradient

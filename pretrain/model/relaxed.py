@@ -13,8 +13,8 @@ import math
 import torch
 from torch import nn
 
-from pretrain.config import ConfigError, ModelConfig
-from pretrain.model.sharing import SharingPlan
+from pretrain.config import ConfigError
+from pretrain.sharing import SharingPlan
 
 
 class LowRankDelta(nn.Module):
@@ -39,31 +39,24 @@ def _linears(sublayer: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in sublayer.fn.named_children() if isinstance(m, nn.Linear)}
 
 
-def build_deltas(
-    cfg: ModelConfig, plan: SharingPlan, attention: nn.ModuleList, ffn: nn.ModuleList
-) -> nn.ModuleDict:
-    """`{str(layer): {role: LowRankDelta}}` for every layer of the shared range; empty for
-    pure sharing (ratio 1)."""
-    s = cfg.sharing
-    if s.ratio >= 1.0:
+def build_deltas(plan: SharingPlan, sets: dict[str, nn.ModuleList]) -> nn.ModuleDict:
+    """`{str(layer): {role: LowRankDelta}}` for every layer of the shared range, given each
+    component's parameter sets (`{"attention": ..., "ffn": ...}`); empty for pure sharing."""
+    if not plan.relaxed:
         return nn.ModuleDict()
-    layers = range(s.start, cfg.num_layers if s.end is None else s.end + 1)
-    components = []
-    if s.scope in ("block", "attention"):
-        components.append((attention, plan.attention))
-    if s.scope in ("block", "ffn"):
-        components.append((ffn, plan.ffn))
+    layers = plan.shared_layers
     shared_params, roles = 0, {}
-    for sets, table in components:
+    for component in plan.components:
+        table = plan.table(component)
         used = sorted({table[i] for i in layers})
-        shared_params += sum(p.numel() for k in used for p in sets[k].parameters())
-        roles.update(_linears(sets[used[0]]))  # every set of a component has the same shapes
+        shared_params += sum(p.numel() for k in used for p in sets[component][k].parameters())
+        roles.update(_linears(sets[component][used[0]]))  # a component's sets share shapes
     cost_per_rank = len(layers) * sum(lin.in_features + lin.out_features for lin in roles.values())
-    rank = int(shared_params * (1.0 - s.ratio) / s.ratio // cost_per_rank)
+    rank = int(shared_params * (1.0 - plan.ratio) / plan.ratio // cost_per_rank)
     if rank < 1:
         most = shared_params / (shared_params + cost_per_rank)
         raise ConfigError(
-            f"sharing.ratio ({s.ratio}) leaves no room for a rank-1 delta per layer in this"
+            f"sharing.ratio ({plan.ratio}) leaves no room for a rank-1 delta per layer in this"
             f" model; use sharing.ratio <= {math.floor(most * 1000) / 1000} or 1.0"
         )
     return nn.ModuleDict(

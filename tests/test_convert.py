@@ -12,7 +12,7 @@ import transformers
 from helpers import REPO, env, launch_args, run_process, tiny_hf_config, train
 
 from pretrain.engine.checkpoint import write_manifest
-from pretrain.engine.consolidate import read_checkpoint
+from pretrain.export.checkpoint import read_checkpoint
 from pretrain.export.hf import save_hf
 from pretrain.export.native import load_model, save_native
 

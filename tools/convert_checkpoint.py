@@ -22,9 +22,10 @@ import yaml
 from pretrain.config import ModelConfig, SharingConfig, from_dict
 from pretrain.errors import UserError, main_guard
 from pretrain.export import hf_albert, hf_bert, hf_llama
+from pretrain.export.checkpoint import TrainedModel, read_trained
 from pretrain.export.common import compress
 from pretrain.export.hf import export_notes, save_hf
-from pretrain.export.native import CONFIG, TOKENIZER, WEIGHTS, load_config, load_model, save_native
+from pretrain.export.native import load_model, save_native
 from pretrain.model import SharedTransformer
 
 
@@ -68,17 +69,9 @@ def verify(ours: SharedTransformer, output: Path, fmt: str) -> float:
     return (got[keep] - expected[keep]).abs().max().item()
 
 
-def read_source(args):
+def read_source(args) -> TrainedModel:
     """A native export folder, or a training checkpoint (consolidated by DeepSpeed)."""
-    from pretrain.engine.consolidate import TrainedModel, read_checkpoint  # imports deepspeed
-
-    path = Path(args.checkpoint)
-    if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
-        from safetensors.torch import load_file
-
-        tokenizer = Path(args.tokenizer) if args.tokenizer else path / TOKENIZER
-        return TrainedModel(load_file(str(path / WEIGHTS)), load_config(path), tokenizer, str(path))
-    return read_checkpoint(path, args.tag, args.tokenizer)
+    return read_trained(args.checkpoint, args.tag, args.tokenizer)
 
 
 def export(args) -> int:

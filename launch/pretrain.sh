@@ -18,7 +18,6 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-$root/.venv/bin/python}
 [ -x "$python" ] || python=$(command -v python3)
-train="$root/pretrain/train.py"
 
 args=()
 for arg in "$@"; do
@@ -35,7 +34,7 @@ config=${args[0]}
 overrides=("${args[@]:1}")
 
 if [ -n "${RANK:-}" ] && [ -n "${WORLD_SIZE:-}" ]; then
-  exec "$python" "$train" --config "$config" "${overrides[@]}"
+  exec "$python" -m pretrain.train --config "$config" "${overrides[@]}"
 fi
 
 # One check before any rank starts: a bad config, an output_dir that cannot be written or
@@ -93,12 +92,12 @@ forward() {
   local pid
   for pid in $(descendants $$); do
     case "$(ps -o args= -p "$pid" 2>/dev/null)" in
-      *"$train --local_rank="*) kill -s "$1" "$pid" 2>/dev/null || true ;;
+      *"-m pretrain.train --local_rank="*) kill -s "$1" "$pid" 2>/dev/null || true ;;
     esac
   done
 }
 
-"${launcher[@]}" "$train" --config "$config" "${overrides[@]}" &
+"${launcher[@]}" --module pretrain.train --config "$config" "${overrides[@]}" &
 child=$!
 trap 'forward TERM' TERM
 trap 'forward INT' INT

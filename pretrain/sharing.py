@@ -79,6 +79,17 @@ def shared_components(sharing: SharingConfig) -> tuple[str, ...]:
     return COMPONENTS if sharing.scope == "block" else (sharing.scope,)
 
 
+def _describe(s: SharingConfig, layers: range, num_layers: int) -> str:
+    words = [s.strategy] + ([f"M={s.num_sets}"] if s.num_sets else []) + [f"scope={s.scope}"]
+    if len(layers) != num_layers:
+        words.append(f"layers {layers.start}..{layers.stop - 1}")
+    if s.ratio < 1.0:
+        words.append(f"ratio={s.ratio:g}")
+    if s.share_qk:
+        words.append("shared Q/K")
+    return " ".join(words)
+
+
 def _renumber(keys: list[tuple[str, int]]) -> tuple[int, ...]:
     """Number distinct keys 0, 1, ... in order of first appearance."""
     ids: dict[tuple[str, int], int] = {}
@@ -106,6 +117,8 @@ class SharingPlan:
     """Weight of the L2 penalty on those deltas."""
     share_qk: bool = False
     """One projection for queries and keys inside each layer."""
+    description: str = "none"
+    """The plan in words, for tables and messages: `cycle M=2 scope=block layers 0..11`."""
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> SharingPlan:
@@ -125,6 +138,7 @@ class SharingPlan:
             ratio=s.ratio,
             tie_penalty=s.tie_penalty,
             share_qk=s.share_qk,
+            description=_describe(s, layers, L),
         )
 
     @property

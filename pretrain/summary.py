@@ -14,6 +14,7 @@ import torch
 from pretrain.config import Config, load_config
 from pretrain.errors import main_guard
 from pretrain.model import Accounting, SharedTransformer, count
+from pretrain.sharing import SharingPlan
 
 
 def predicted_fraction(cfg: Config) -> float:
@@ -41,8 +42,8 @@ def _human(n: float) -> str:
 
 
 def format_table(cfg: Config, acc: Accounting) -> str:
-    m, s = cfg.model, cfg.model.sharing
-    plan = f"{s.strategy}" + (f" M={s.num_sets}" if s.num_sets else "") + f" scope={s.scope}"
+    m = cfg.model
+    plan = SharingPlan.from_config(m).description
     lines = [
         f"family {m.family}  L={m.num_layers} H={m.hidden_size} E={m.embedding_size}"
         f" V={m.vocab_size} heads={m.num_heads}  sharing: {plan}"

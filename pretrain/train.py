@@ -1,8 +1,8 @@
 """Pretraining entry point.
 
-    deepspeed pretrain/train.py --config configs/tiny-albert.yaml [--dotted.overrides]
-    torchrun --nproc_per_node 2 pretrain/train.py --config ...
-    python pretrain/train.py --config ...          (one process)
+    deepspeed --module pretrain.train --config configs/tiny-albert.yaml [--dotted.overrides]
+    torchrun --nproc_per_node 2 -m pretrain.train --config ...
+    python -m pretrain.train --config ...          (one process)
 
 A run writes into train.output_dir: checkpoints/, tensorboard/, metrics.jsonl. Starting a
 run whose output_dir holds checkpoints resumes from the latest one.
@@ -10,26 +10,20 @@ run whose output_dir holds checkpoints resumes from the latest one.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, Python puts pretrain/ itself first on sys.path, where its modules would
-# shadow top-level names; the package is imported from the installed project instead.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import argparse
 import json
 import os
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NoReturn
 
 import torch
 
-from pretrain.config import Config, ConfigError, load_config, to_dict
+from pretrain.config import Config, ConfigError, load_config
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine import checkpoint, runtime
 from pretrain.errors import UserError, print_error
@@ -52,78 +46,6 @@ class NonFiniteLossError(UserError):
     """A NaN/inf loss with train.on_nonfinite=stop, or too many skipped steps in a row."""
 
     collective = True  # every rank takes part in the vote that finds it
-
-
-class ResumeError(ConfigError):
-    """A checkpoint this run cannot continue from (every rank reads the same run state)."""
-
-    collective = True
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-SCHEDULE_KEYS = ("optim.lr", "optim.warmup_steps", "optim.decay", "optim.min_lr_ratio")
-
-
-def schedule_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
-    """(key, saved value, value now) of each LR-schedule setting this run changes.
-    max_steps shapes the schedule only when it decays."""
-    before, now = _flatten(saved["config"]), _flatten(cfg.to_dict())
-    keys = list(SCHEDULE_KEYS)
-    if cfg.optim.decay != "constant" or before["optim.decay"] != "constant":
-        keys.append("train.max_steps")
-    return [(k, before[k], now[k]) for k in keys if before[k] != now[k]]
-
-
-def check_resumable(
-    saved: dict, cfg: Config, tokenizer_checksum: str, world: int, where: str
-) -> list[tuple[str, object, object]]:
-    """A checkpoint continues only the same model on the same tokenizer and engine layout,
-    and its LR schedule unless asked to re-plan it. Returns the schedule changes allowed."""
-    now = _flatten(to_dict(cfg.model), "model.")
-    before = _flatten(saved["config"]["model"], "model.")
-    changed = [k for k in sorted(now) if before.get(k) != now[k]]
-    if changed:
-        k = changed[0]
-        raise ResumeError(
-            f"cannot resume from {where}: {k} is {before.get(k)!r} there and {now[k]!r} now;"
-            " restore the model config or start a new train.output_dir"
-        )
-    if saved["tokenizer_checksum"] != tokenizer_checksum:
-        raise ResumeError(
-            f"cannot resume from {where}: it was trained on shards of another tokenizer;"
-            " use the original data.path or a new train.output_dir"
-        )
-    step = saved["step"]
-    if step > cfg.train.max_steps:
-        raise ResumeError(
-            f"cannot resume from {where}: it is at step {step}, past train.max_steps"
-            f" ({cfg.train.max_steps}); raise train.max_steps or start a new train.output_dir"
-        )
-    schedule = schedule_changes(saved, cfg)
-    if schedule and not cfg.train.replan_schedule:
-        key, before, now = schedule[0]
-        raise ResumeError(
-            f"cannot resume from {where} with {key}={now!r}: its LR schedule was planned with"
-            f" {key}={before!r}; pass --train.replan_schedule=true to re-plan the LR from"
-            f" step {step} with the new settings, or restore {key}"
-        )
-    stage = saved["config"]["engine"]["zero_stage"]
-    if (saved["world_size"], stage) != (world, cfg.engine.zero_stage):
-        raise ResumeError(
-            f"cannot resume from {where}: it was saved by {saved['world_size']} ranks with ZeRO"
-            f" stage {stage}, this run has {world} with stage {cfg.engine.zero_stage};"
-            " resume with the same number of ranks and engine.zero_stage"
-        )
-    return schedule
 
 
 class StepMetrics:
@@ -231,7 +153,7 @@ class Trainer:
             return
         where = str(self.ckpt_dir / tag)
         state = checkpoint.read_run_state(self.ckpt_dir, tag)
-        schedule = check_resumable(
+        schedule = checkpoint.check_resumable(
             state, self.cfg, self.train_data.tokenizer.info.checksum, self.world.size, where
         )
         checkpoint.load(self.engine, self.ckpt_dir, tag, self.world.rank)
@@ -403,7 +325,9 @@ class Trainer:
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
-    parser = argparse.ArgumentParser(prog="pretrain/train.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.train", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)

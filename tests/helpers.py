@@ -266,9 +266,10 @@ def wait_for_step(out: Path, step: int, process, timeout: float = 180) -> None:
 
 
 def trainer_args(shards: Path, out: Path, *overrides: str) -> list[str]:
-    """pretrain/train.py and its arguments, for launchers other than our script."""
+    """The trainer module and its arguments, for launchers other than our script."""
     return [
-        str(REPO / "pretrain" / "train.py"),
+        "-m",
+        "pretrain.train",
         "--config",
         str(REPO / "configs" / "tiny-albert.yaml"),
         f"--data.path={shards}",

@@ -223,7 +223,7 @@ def test_dead_rank_ends_the_job(cluster, shards_dir, tmp_path):
     ranks = [
         p
         for p in psutil.process_iter(["cmdline", "environ"])
-        if any("pretrain/train.py" in part for part in (p.info["cmdline"] or []))
+        if "pretrain.train" in (p.info["cmdline"] or [])
         and (p.info["environ"] or {}).get("SLURM_PROCID") == "1"
         and (p.info["environ"] or {}).get("SLURM_JOB_ID") == job
     ]

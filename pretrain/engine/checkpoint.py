@@ -33,6 +33,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from pretrain.config import Config, ConfigError, to_dict
 from pretrain.engine.runtime import barrier
 from pretrain.errors import UserError
 
@@ -231,6 +232,78 @@ def save(
 def read_run_state(directory: str | Path, tag: str) -> dict:
     """The run state saved with checkpoint `tag`, without loading any tensor."""
     return json.loads((Path(directory) / tag / RUN_STATE).read_text())
+
+
+class ResumeError(ConfigError):
+    """A checkpoint this run cannot continue from (every rank reads the same run state)."""
+
+    collective = True
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+SCHEDULE_KEYS = ("optim.lr", "optim.warmup_steps", "optim.decay", "optim.min_lr_ratio")
+
+
+def schedule_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
+    """(key, saved value, value now) of each LR-schedule setting this run changes.
+    max_steps shapes the schedule only when it decays."""
+    before, now = _flatten(saved["config"]), _flatten(cfg.to_dict())
+    keys = list(SCHEDULE_KEYS)
+    if cfg.optim.decay != "constant" or before["optim.decay"] != "constant":
+        keys.append("train.max_steps")
+    return [(k, before[k], now[k]) for k in keys if before[k] != now[k]]
+
+
+def check_resumable(
+    saved: dict, cfg: Config, tokenizer_checksum: str, world: int, where: str
+) -> list[tuple[str, object, object]]:
+    """A checkpoint continues only the same model on the same tokenizer and engine layout,
+    and its LR schedule unless asked to re-plan it. Returns the schedule changes allowed."""
+    now = _flatten(to_dict(cfg.model), "model.")
+    before = _flatten(saved["config"]["model"], "model.")
+    changed = [k for k in sorted(now) if before.get(k) != now[k]]
+    if changed:
+        k = changed[0]
+        raise ResumeError(
+            f"cannot resume from {where}: {k} is {before.get(k)!r} there and {now[k]!r} now;"
+            " restore the model config or start a new train.output_dir"
+        )
+    if saved["tokenizer_checksum"] != tokenizer_checksum:
+        raise ResumeError(
+            f"cannot resume from {where}: it was trained on shards of another tokenizer;"
+            " use the original data.path or a new train.output_dir"
+        )
+    step = saved["step"]
+    if step > cfg.train.max_steps:
+        raise ResumeError(
+            f"cannot resume from {where}: it is at step {step}, past train.max_steps"
+            f" ({cfg.train.max_steps}); raise train.max_steps or start a new train.output_dir"
+        )
+    schedule = schedule_changes(saved, cfg)
+    if schedule and not cfg.train.replan_schedule:
+        key, before, now = schedule[0]
+        raise ResumeError(
+            f"cannot resume from {where} with {key}={now!r}: its LR schedule was planned with"
+            f" {key}={before!r}; pass --train.replan_schedule=true to re-plan the LR from"
+            f" step {step} with the new settings, or restore {key}"
+        )
+    stage = saved["config"]["engine"]["zero_stage"]
+    if (saved["world_size"], stage) != (world, cfg.engine.zero_stage):
+        raise ResumeError(
+            f"cannot resume from {where}: it was saved by {saved['world_size']} ranks with ZeRO"
+            f" stage {stage}, this run has {world} with stage {cfg.engine.zero_stage};"
+            " resume with the same number of ranks and engine.zero_stage"
+        )
+    return schedule
 
 
 def load(engine, directory: str | Path, tag: str, rank: int) -> None:

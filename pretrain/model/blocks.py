@@ -182,14 +182,14 @@ def attend(
 class SelfAttention(nn.Module):
     """Multi-head (optionally grouped-query) self-attention through SDPA."""
 
-    def __init__(self, cfg: ModelConfig, bias: bool) -> None:
+    def __init__(self, cfg: ModelConfig, bias: bool, share_qk: bool = False) -> None:
         super().__init__()
         H, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.dropout = cfg.attention_dropout
         self.q = nn.Linear(H, H, bias=bias)
         # With shared Q/K the key projection is the query projection: no second weight.
-        self.k = None if cfg.sharing.share_qk else nn.Linear(H, cfg.num_kv_heads * d, bias=bias)
+        self.k = None if share_qk else nn.Linear(H, cfg.num_kv_heads * d, bias=bias)
         self.v = nn.Linear(H, cfg.num_kv_heads * d, bias=bias)
         self.o = nn.Linear(H, H, bias=bias)
 
@@ -295,8 +295,8 @@ class BlockFamily:
     final_norm: bool
     """A norm after the last layer (pre-norm stacks need one)."""
 
-    def attention_sublayer(self, cfg: ModelConfig) -> nn.Module:
-        attn = SelfAttention(cfg, bias=self.bias)
+    def attention_sublayer(self, cfg: ModelConfig, share_qk: bool = False) -> nn.Module:
+        attn = SelfAttention(cfg, bias=self.bias, share_qk=share_qk)
         return self.sublayer(attn, self.norm(cfg.hidden_size, cfg.norm_eps), cfg.dropout)
 
     def ffn_sublayer(self, cfg: ModelConfig) -> nn.Module:

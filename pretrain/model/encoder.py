@@ -34,7 +34,8 @@ class SharedEncoder(nn.Module):
         super().__init__()
         self.plan = SharingPlan.from_config(cfg)
         self.attention = nn.ModuleList(
-            family.attention_sublayer(cfg) for _ in range(self.plan.num_attention_sets)
+            family.attention_sublayer(cfg, self.plan.share_qk)
+            for _ in range(self.plan.num_attention_sets)
         )
         self.ffn = nn.ModuleList(family.ffn_sublayer(cfg) for _ in range(self.plan.num_ffn_sets))
         self.deltas = build_deltas(self.plan, {"attention": self.attention, "ffn": self.ffn})

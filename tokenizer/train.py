@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pretrain.config import main_guard
 from pretrain.data.sources import DataError, ReadReport, iter_documents
 from pretrain.data.tokenizer import INFO_FILE, train_tokenizer
+from pretrain.errors import main_guard
 
 
 def main(argv: list[str]) -> int:

@@ -1,25 +1,49 @@
-"""Hugging Face model folders from our weights: ALBERT (groups kept where ALBERT can express
-the plan) and Llama (unrolled), each with a tokenizer that `AutoTokenizer` loads offline
-and that encodes exactly as our SentencePiece model does."""
+"""Hugging Face model folders, both ways, through one table of formats.
+
+Each row of FORMATS is one HF `model_type`: the adapter module that converts configs and
+state dicts (`config_from_hf`, `from_hf`; an exportable format also has `config_to_hf`,
+`to_hf` and `export_notes`), the transformers classes that hold it, and the tokenizer an
+export writes. A new architecture is one adapter module and one row.
+
+Exports: ALBERT (groups kept where ALBERT can express the plan) and Llama (unrolled), each
+with a tokenizer that `AutoTokenizer` loads offline and that encodes exactly as our
+SentencePiece model does. Imports: ALBERT, BERT and Llama.
+
+`transformers` is imported where a model or tokenizer is built, never with this module.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 
 from pretrain.config import ModelConfig
 from pretrain.data.tokenizer import INFO_FILE, MODEL_FILE, SPECIAL_PIECES
 from pretrain.errors import UserError
-from pretrain.export import hf_albert, hf_llama
-from pretrain.model import ModelOutput
-from pretrain.sharing import SharingPlan
+from pretrain.export import hf_albert, hf_bert, hf_llama
+from pretrain.export.common import State
+from pretrain.export.verify import max_logit_diff
+from pretrain.model import ModelOutput, SharedTransformer
+
+CONFIG_FILE = "config.json"
+IMPORT_FUNCTIONS = ("config_from_hf", "from_hf")
+"""What every adapter module has: `config_from_hf(hf_config[, sop_head]) -> ModelConfig`
+and `from_hf(hf_state, cfg) -> State`."""
+EXPORT_FUNCTIONS = ("config_to_hf", "to_hf", "export_notes")
+"""What an exportable format's adapter adds: `config_to_hf(cfg) -> dict` (the HF config's
+keyword arguments), `to_hf(state, cfg) -> State` and `export_notes(cfg) -> list[str]`
+(what the export changes about the model's layout, said to the user)."""
 
 
-def _albert_tokenizer(tokenizer_dir: Path, max_length: int):
+def albert_tokenizer(tokenizer_dir: Path, max_length: int):
     """HF's own SentencePiece converter, fed the ALBERT settings that keep our ids."""
     import transformers
 
@@ -48,12 +72,12 @@ def _albert_tokenizer(tokenizer_dir: Path, max_length: int):
         return transformers.AutoTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
-def _causal_tokenizer(tokenizer_dir: Path, max_length: int):
+def causal_tokenizer(tokenizer_dir: Path, max_length: int):
     """The same SentencePiece normalisation and pieces, no [CLS]/[SEP] template: text in,
     pieces out, as the causal model was trained (documents separated by </s>)."""
     import transformers
 
-    backend = _albert_tokenizer(tokenizer_dir, max_length).backend_tokenizer
+    backend = albert_tokenizer(tokenizer_dir, max_length).backend_tokenizer
     backend.post_processor = None
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -65,44 +89,171 @@ def _causal_tokenizer(tokenizer_dir: Path, max_length: int):
     )
 
 
-def _albert_model(state: dict[str, torch.Tensor], cfg: ModelConfig):
-    import transformers
+@dataclass(frozen=True)
+class HFFormat:
+    """One Hugging Face architecture: how it maps onto our model, and the transformers
+    classes (named, so that transformers loads only when one is built) that hold it."""
 
-    config = transformers.AlbertConfig(**hf_albert.config_to_hf(cfg))
-    cls = transformers.AlbertForPreTraining if cfg.sop_head else transformers.AlbertForMaskedLM
-    config.architectures = [cls.__name__]
-    model = cls(config)
-    model.load_state_dict(hf_albert.to_hf(state, cfg), strict=True)
-    return model
+    model_type: str
+    """`model_type` of the HF config.json."""
+    family: str
+    """Our model family it converts to and from."""
+    adapter: ModuleType
+    """The module converting configs and state dicts: IMPORT_FUNCTIONS, and
+    EXPORT_FUNCTIONS when `exportable`."""
+    config_class: str
+    """The transformers config class."""
+    model_class: str
+    """The transformers model class without the pair classifier: an export without our
+    `sop_head` is written as it."""
+    auto_class: str
+    """The transformers Auto class that loads an export for `verify`."""
+    exportable: bool = False
+    """Whether our models export to this format (at most one format per family does)."""
+    tokenizer: Callable[[Path, int], Any] | None = None
+    """(our tokenizer folder, max length) -> the HF tokenizer an export writes."""
+    pretraining_class: str | None = None
+    """The model class with the pair classifier (ALBERT's SOP, BERT's NSP head), which
+    takes our `sop_head`; None where the architecture has none."""
+    pair_head: str | None = None
+    """The HF state-dict key present when the pair classifier is there; an import then
+    passes `sop_head` to `config_from_hf`. None where the architecture has none."""
+
+    def needs(self) -> tuple[str, ...]:
+        """The adapter functions this row uses."""
+        return IMPORT_FUNCTIONS + (EXPORT_FUNCTIONS if self.exportable else ())
+
+    def model_class_for(self, cfg: ModelConfig) -> str:
+        """The transformers class an export of `cfg` is written as."""
+        if cfg.sop_head and self.pretraining_class is not None:
+            return self.pretraining_class
+        return self.model_class
 
 
-def _llama_model(state: dict[str, torch.Tensor], cfg: ModelConfig):
-    import transformers
+FORMATS: dict[str, HFFormat] = {
+    fmt.model_type: fmt
+    for fmt in (
+        HFFormat(
+            model_type="albert",
+            family="albert",
+            adapter=hf_albert,
+            config_class="AlbertConfig",
+            model_class="AlbertForMaskedLM",
+            auto_class="AutoModelForMaskedLM",
+            exportable=True,
+            tokenizer=albert_tokenizer,
+            pretraining_class="AlbertForPreTraining",
+            pair_head="sop_classifier.classifier.weight",
+        ),
+        HFFormat(
+            model_type="bert",
+            family="albert",
+            adapter=hf_bert,
+            config_class="BertConfig",
+            model_class="BertForMaskedLM",
+            auto_class="AutoModelForMaskedLM",
+            pretraining_class="BertForPreTraining",
+            pair_head="cls.seq_relationship.weight",  # NSP head -> our pair classifier
+        ),
+        HFFormat(
+            model_type="llama",
+            family="llama",
+            adapter=hf_llama,
+            config_class="LlamaConfig",
+            model_class="LlamaForCausalLM",
+            auto_class="AutoModelForCausalLM",
+            exportable=True,
+            tokenizer=causal_tokenizer,
+        ),
+    )
+}
+"""Every HF format, by `model_type`."""
 
-    config = transformers.LlamaConfig(**hf_llama.config_to_hf(cfg))
-    config.architectures = ["LlamaForCausalLM"]
-    model = transformers.LlamaForCausalLM(config)
-    model.load_state_dict(hf_llama.to_hf(state, cfg), strict=True)
-    return model
+
+def format_for_model_type(model_type: str | None) -> HFFormat:
+    """The format an HF config.json's `model_type` names; any other is one error naming
+    the supported ones."""
+    if model_type not in FORMATS:
+        raise UserError(f"cannot import model_type {model_type!r}; supported: {', '.join(FORMATS)}")
+    return FORMATS[model_type]
+
+
+def format_for_family(family: str) -> HFFormat:
+    """The format our `family` exports to."""
+    for fmt in FORMATS.values():
+        if fmt.exportable and fmt.family == family:
+            return fmt
+    exportable = sorted({fmt.family for fmt in FORMATS.values() if fmt.exportable})
+    raise UserError(
+        f"the {family} family has no Hugging Face export; exportable: {', '.join(exportable)}"
+    )
 
 
 def export_notes(cfg: ModelConfig) -> list[str]:
-    """What the export changes about the model's layout, said to the user."""
-    if cfg.family == "llama":
-        return [f"llama: {cfg.num_layers} layers unrolled, factorized embedding folded to V x H"]
-    groups = SharingPlan.from_config(cfg).group_count()
-    if groups is None:
-        return [
-            f"ALBERT cannot express this sharing plan ({cfg.sharing.strategy}, scope"
-            f" {cfg.sharing.scope}, range, ratio or shared Q/K): unrolled into"
-            f" {cfg.num_layers} groups"
-        ]
-    return [f"ALBERT num_hidden_groups={groups}: shared parameters stay shared"]
+    """What the export of `cfg` changes about the model's layout, said to the user."""
+    return format_for_family(cfg.family).adapter.export_notes(cfg)
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """safetensors (single or sharded) or pytorch_model.bin, never unpickling objects."""
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return {k: v for f in files for k, v in load_file(str(f)).items()}
+    bins = sorted(directory.glob("pytorch_model*.bin"))
+    if bins:
+        return {k: v for f in bins for k, v in torch.load(f, weights_only=True).items()}
+    raise UserError(f"{directory} holds no model.safetensors or pytorch_model.bin")
+
+
+def load_hf(directory: str | Path) -> tuple[State, ModelConfig, HFFormat]:
+    """An HF model folder as our state dict and model config, with its format."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise UserError(f"{directory} is not a Hugging Face model folder ({CONFIG_FILE} missing)")
+    hf_config = json.loads(config_path.read_text())
+    fmt = format_for_model_type(hf_config.get("model_type"))
+    hf_state = read_weights(directory)
+    pair = {} if fmt.pair_head is None else {"sop_head": fmt.pair_head in hf_state}
+    cfg = fmt.adapter.config_from_hf(hf_config, **pair)
+    return fmt.adapter.from_hf(hf_state, cfg), cfg, fmt
 
 
 def hf_model(state: dict[str, torch.Tensor], cfg: ModelConfig):
     """The Hugging Face model of `cfg`'s family holding `state` (ours, converted)."""
-    return _albert_model(state, cfg) if cfg.family == "albert" else _llama_model(state, cfg)
+    import transformers
+
+    fmt = format_for_family(cfg.family)
+    config = getattr(transformers, fmt.config_class)(**fmt.adapter.config_to_hf(cfg))
+    cls = getattr(transformers, fmt.model_class_for(cfg))
+    config.architectures = [cls.__name__]
+    model = cls(config)
+    model.load_state_dict(fmt.adapter.to_hf(state, cfg), strict=True)
+    return model
+
+
+def save_hf(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer_dir: str | Path, output: str | Path
+):
+    """Write an HF model folder (weights, config, tokenizer); returns the HF model."""
+    model = hf_model(state, cfg)
+    fmt = format_for_family(cfg.family)
+    tokenizer = fmt.tokenizer(Path(tokenizer_dir), cfg.max_position_embeddings)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return model.eval()
+
+
+def verify(ours: SharedTransformer, directory: str | Path) -> float:
+    """Largest |logit difference| between `ours` and the HF folder written from it, at real
+    tokens (`verify.max_logit_diff`)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the MLM class ignores the SOP head
+    auto = getattr(transformers, format_for_family(ours.cfg.family).auto_class)
+    return max_logit_diff(ours, auto.from_pretrained(directory, local_files_only=True).eval())
 
 
 class HFReference(torch.nn.Module):
@@ -124,18 +275,3 @@ class HFReference(torch.nn.Module):
             logits=logits if predict_mask is None else logits[predict_mask],
             sop_logits=getattr(out, "sop_logits", None),
         )
-
-
-def save_hf(
-    state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer_dir: str | Path, output: str | Path
-):
-    """Write an HF model folder (weights, config, tokenizer); returns the HF model."""
-    tokenizer_dir, output = Path(tokenizer_dir), Path(output)
-    model = hf_model(state, cfg)
-    if cfg.family == "albert":
-        tokenizer = _albert_tokenizer(tokenizer_dir, cfg.max_position_embeddings)
-    else:
-        tokenizer = _causal_tokenizer(tokenizer_dir, cfg.max_position_embeddings)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    return model.eval()

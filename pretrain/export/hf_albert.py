@@ -134,6 +134,18 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def export_notes(cfg: ModelConfig) -> list[str]:
+    """What the export changes about the model's layout, said to the user."""
+    plan = SharingPlan.from_config(cfg)
+    groups = plan.group_count()
+    if groups is None:
+        return [
+            f"ALBERT cannot express this sharing plan ({plan.description}): unrolled into"
+            f" {cfg.num_layers} groups"
+        ]
+    return [f"ALBERT num_hidden_groups={groups}: shared parameters stay shared"]
+
+
 def from_hf(hf_state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> State:
     """HF `AlbertForMaskedLM` / `AlbertForPreTraining` state dict -> ours for `cfg`."""
     plan = SharingPlan.from_config(cfg)

@@ -107,6 +107,11 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def export_notes(cfg: ModelConfig) -> list[str]:
+    """What the export changes about the model's layout, said to the user."""
+    return [f"llama: {cfg.num_layers} layers unrolled, factorized embedding folded to V x H"]
+
+
 def from_hf(hf_state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> State:
     """HF `LlamaForCausalLM` state dict -> ours for `cfg` (E must equal H)."""
     if cfg.embedding_size != cfg.hidden_size:

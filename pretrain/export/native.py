@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from pretrain.config import ModelConfig, from_dict, to_dict
 from pretrain.errors import UserError
+from pretrain.export.verify import max_logit_diff
 from pretrain.model import SharedTransformer
 
 FORMAT = "pretrain-native/1"
@@ -59,6 +60,12 @@ def load_model(directory: str | Path) -> SharedTransformer:
     check_state(state, model, str(directory))
     model.load_state_dict(state)
     return model.eval()
+
+
+def verify(ours: SharedTransformer, directory: str | Path) -> float:
+    """Largest |logit difference| between `ours` and the native folder written from it, at
+    real tokens (`verify.max_logit_diff`)."""
+    return max_logit_diff(ours, load_model(directory))
 
 
 def check_state(state: dict[str, torch.Tensor], model: SharedTransformer, where: str) -> None:

@@ -25,6 +25,7 @@ from pretrain.export import hf, native
 from pretrain.export.checkpoint import read_trained
 from pretrain.export.common import compress
 from pretrain.model import SharedTransformer
+from pretrain.sharing import SharingPlan
 
 VERIFY = {"native": native.verify, "hf": hf.verify}
 
@@ -75,7 +76,8 @@ def import_hf(args) -> int:
     state, cfg, fmt = hf.load_hf(args.from_hf)
     if args.share:
         state, cfg = compress(state, cfg, parse_share(args.share))
-        print(f"compressed to {cfg.sharing.strategy} sharing: each set is the mean of its layers")
+        plan = SharingPlan.from_config(cfg).description
+        print(f"compressed to {plan} sharing: each set is the mean of its layers")
     native.save_native(state, cfg, None, args.output)
     parameters = sum(v.numel() for v in state.values())
     print(f"imported {fmt.model_type} ({parameters:,} parameters) to {args.output}")

@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# pytest exits 5 when it collected no tests: a suite that tests nothing fails, and says so.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "tests failed: pytest collected no tests"; fi; exit $$rc
 
 # The unit tier (tests/conftest.py: every test has one): in-process, under 2 minutes on 2 cores.
 test-fast: $(STAMP)

@@ -39,13 +39,13 @@ from pathlib import Path
 import torch
 
 from pretrain.config import Config, ConfigError, load_config
+from pretrain.data.masking import IGNORE_INDEX
 from pretrain.engine.optim import build_optimizer
 from pretrain.errors import main_guard
 from pretrain.export.hf import HFReference, hf_model
 from pretrain.metrics import matmul_peak, peak_tflops, sync, throughput
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, model_inputs
-from pretrain.objectives.mlm import IGNORE
 from pretrain.summary import account
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def synthetic_batch(cfg: Config, device: torch.device, seed: int = 0) -> dict[st
         o = cfg.objective
         n = min(o.max_predictions, max(1, round(T * o.mask_prob)))
         picked_BN = torch.rand(B, T - 2, generator=g).argsort(-1)[:, :n] + 1  # not CLS/SEP
-        labels_BT = torch.full((B, T), IGNORE)
+        labels_BT = torch.full((B, T), IGNORE_INDEX)
         labels_BT.scatter_(1, picked_BN, input_ids_BT.gather(1, picked_BN))
         token_type_ids_BT = (torch.arange(T) >= T // 2).long().expand(B, T).contiguous()
         batch = {

@@ -7,8 +7,6 @@ import torch.nn.functional as F
 
 from pretrain.data.masking import IGNORE_INDEX
 
-IGNORE = IGNORE_INDEX  # the name tools/bench_train.py imports; IGNORE_INDEX everywhere else
-
 
 def predict_mask(labels_BT: torch.Tensor) -> torch.Tensor:
     """bool (B, T): the positions whose token the model must predict."""

@@ -5,7 +5,8 @@ traceback per rank:
     python -m pretrain check CONFIG [--dotted.overrides]    also what the run reads and writes
 
 `check` (the launchers run it) validates the config, then makes sure train.output_dir is a
-writable directory and that the data, its tokenizer and its shard indexes load.
+writable directory, that the data, its tokenizer and its shard indexes load, and that a
+distillation teacher (distill.teacher) loads with the student's tokenizer and vocabulary.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 
 from pretrain.config import ConfigError, load_config, to_dict
 from pretrain.errors import main_guard
-from pretrain.preflight import check_data, check_output_dir
+from pretrain.preflight import check_data, check_distill, check_output_dir
 
 USAGE = "usage: python -m pretrain (config | check) CONFIG [--dotted.overrides ...]"
 
@@ -29,6 +30,7 @@ def main(argv: list[str]) -> int:
     if argv[0] == "check":
         check_output_dir(Path(cfg.train.output_dir))
         check_data(cfg)
+        check_distill(cfg)
         return 0
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0

@@ -41,3 +41,17 @@ def check_data(cfg: Config) -> None:
     splits = ["train", "valid"] if cfg.train.eval_every else ["train"]
     for split in splits:
         TokenShards(data, split, tokenizer.info.checksum)
+
+
+def check_distill(cfg: Config) -> None:
+    """distill.teacher loads as a model config and tokenizer that fit the student: its
+    tokenizer is the student's (`pretrain.export.teacher`), its vocabulary size and
+    objective the same."""
+    if not cfg.distill.teacher:
+        return
+    from pretrain.data.preprocess import TOKENIZER_DIR
+    from pretrain.data.tokenizer import Tokenizer
+    from pretrain.export.teacher import check_teacher, describe_teacher
+
+    student = Tokenizer(Path(cfg.data.tokenizer or Path(cfg.data.path) / TOKENIZER_DIR))
+    check_teacher(describe_teacher(cfg.distill.teacher), cfg, student)

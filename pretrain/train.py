@@ -28,6 +28,7 @@ from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine import checkpoint, runtime
 from pretrain.errors import UserError, print_error
 from pretrain.export import native
+from pretrain.export.teacher import load_teacher
 from pretrain.metrics import (
     DTYPES,
     MetricsLogger,
@@ -91,6 +92,7 @@ class Trainer:
         if cfg.train.compile:
             model.encoder.compile_blocks()
         self.engine = runtime.initialize(model, cfg, self.world)
+        self.teacher = self._load_teacher() if cfg.distill.teacher else None
         self.step, self.consumed, self.last_saved = 0, 0, -1
         self.skipped_in_row = 0
         self._resume()
@@ -128,6 +130,29 @@ class Trainer:
             )
         model.load_state_dict(native.load_model(directory).state_dict())
         self._print(f"initialised from {directory}")
+
+    def _load_teacher(self) -> SharedTransformer:
+        """distill.teacher on every rank, whole (never handed to DeepSpeed: not partitioned,
+        not saved), in the run's precision, without gradients."""
+        teacher = load_teacher(
+            self.cfg,
+            self.train_data.tokenizer,
+            self.world.device,
+            DTYPES[self.cfg.engine.precision],
+        )
+        self._print(f"distilling from {self.cfg.distill.teacher}")
+        return teacher
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """The engine's forward and the loss of one batch on the device, with the
+        teacher's logits at the same positions when distilling."""
+        inputs = model_inputs(batch)
+        output = self.engine(**inputs)
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**inputs).logits
+        return compute_loss(output, batch, self.cfg, teacher_logits)
 
     # -- state -------------------------------------------------------------------------
 
@@ -195,7 +220,7 @@ class Trainer:
         loss was not finite on some rank, and then no rank backpropagates it. The metrics
         stay tensors on the device: reading them syncs the host, so only logging does."""
         batch = {k: v.to(self.world.device) for k, v in batch.items()}
-        loss, metrics = compute_loss(self.engine(**model_inputs(batch)), batch, self.cfg)
+        loss, metrics = self._loss(batch)
         # The one host sync of a micro-step: every rank must agree before backward.
         if runtime.any_rank(not bool(torch.isfinite(loss)), self.world.device):
             if self.cfg.train.on_nonfinite == "stop":
@@ -236,7 +261,7 @@ class Trainer:
         sums: dict[str, float] = {}
         for _ in range(self.cfg.train.eval_steps):
             batch = {k: v.to(self.world.device) for k, v in next(loader).items()}
-            _, metrics = compute_loss(self.engine(**model_inputs(batch)), batch, self.cfg)
+            _, metrics = self._loss(batch)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         self.engine.train()

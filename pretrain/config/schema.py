@@ -439,6 +439,22 @@ class LoggingConfig(Section):
 
 
 @dataclass
+class DistillConfig(Section):
+    """Knowledge distillation: a fixed teacher's token distributions added to the loss."""
+
+    section: ClassVar[str] = "distill"
+
+    teacher: str = ""
+    """The teacher: a Hugging Face model folder, a native export, or one of our run
+    directories/checkpoint folders (its newest valid checkpoint); empty: no distillation.
+    Its vocabulary and tokenizer must be the student's (`python -m pretrain check`)."""
+    alpha: float = bounded(1.0, ge=0.0)
+    """Weight of the distillation term: loss = task loss + alpha * T^2 * KL(teacher||student)."""
+    temperature: float = bounded(1.0, gt=0.0)
+    """T: both distributions are softened by dividing the logits by T."""
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -450,6 +466,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         _check(

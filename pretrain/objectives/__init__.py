@@ -1,8 +1,9 @@
 """Pretraining objectives and how they combine into one loss.
 
 Loss = weighted MLM (+ SOP) for the albert family, or causal LM for llama, plus the ACT
-ponder cost and the relaxed-sharing tie penalty when the model has them. Every term is
-also returned on its own, for logging.
+ponder cost and the relaxed-sharing tie penalty when the model has them, plus
+distill.alpha * T^2 * KL(teacher || student) when a teacher's logits are given. Every term
+is also returned on its own, for logging.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import torch
 from pretrain.config import Config
 from pretrain.model import ModelOutput
 from pretrain.objectives.clm import clm_loss
+from pretrain.objectives.distill import kd_loss
 from pretrain.objectives.mlm import mlm_loss, predict_mask
 from pretrain.objectives.sop import sop_loss
 
-__all__ = ["clm_loss", "compute_loss", "mlm_loss", "model_inputs", "sop_loss"]
+__all__ = ["clm_loss", "compute_loss", "kd_loss", "mlm_loss", "model_inputs", "sop_loss"]
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
@@ -30,9 +32,13 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Non
 
 
 def compute_loss(
-    output: ModelOutput, batch: dict[str, torch.Tensor], cfg: Config
+    output: ModelOutput,
+    batch: dict[str, torch.Tensor],
+    cfg: Config,
+    teacher_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss and detached metrics (each loss term, accuracies, token counts)."""
+    """Total loss and detached metrics (each loss term, accuracies, token counts).
+    `teacher_logits`: the teacher's, at the positions of `output.logits`."""
     o, terms, metrics = cfg.objective, [], {}
     if "mlm_labels" in batch:
         loss, m = mlm_loss(output.logits, batch["mlm_labels"])
@@ -52,6 +58,10 @@ def compute_loss(
     if output.tie_penalty is not None and cfg.model.sharing.tie_penalty > 0:
         terms.append(cfg.model.sharing.tie_penalty * output.tie_penalty)
         metrics["tie_penalty"] = output.tie_penalty.detach()
+    if teacher_logits is not None:
+        loss, m = kd_loss(output.logits, teacher_logits, cfg.distill.temperature)
+        terms.append(cfg.distill.alpha * loss)
+        metrics |= m
     total = torch.stack(terms).sum()
     metrics["loss"] = total.detach()
     return total, metrics

@@ -228,6 +228,11 @@ def test_distillation_lowers_the_kl_to_the_teacher(runs, shards_dir):
     assert sorted(kd) == list(range(1, STEPS + 1))
     assert kd[STEPS] < kd[1]
     assert "kd_loss" not in (runs["plain"] / "metrics.jsonl").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs["distilled"] / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/kd_loss")] == list(range(1, STEPS + 1))
     with_kd = _kl_to_teacher(shards_dir, runs["teacher"], runs["distilled"])
     without = _kl_to_teacher(shards_dir, runs["teacher"], runs["plain"])
     assert with_kd < without, (with_kd, without)

@@ -3,11 +3,15 @@
     python tools/convert_checkpoint.py --checkpoint runs/demo --format hf --output out/ [--verify]
         [--tag step00000600] [--tokenizer DIR]
     python tools/convert_checkpoint.py --from-hf HF_DIR --format native --output out/
+        [--share strategy=all,start=2,end=7,ratio=0.7] [--verify]
 
 Reads DeepSpeed checkpoints of any ZeRO stage and rank count (consolidated to fp32 by
 DeepSpeed's zero_to_fp32, loading with weights_only=True). `--format hf` writes the
 Hugging Face format of the model's family (pretrain.export.hf.FORMATS: ALBERT for the
-albert family, Llama for llama) as a folder that transformers loads offline.
+albert family, Llama for llama) as a folder that transformers loads offline. `--share`
+compresses an imported model into a sharing plan (`SharedTransformer.share_params`, the
+same code: sets are layer means, relaxed deltas the truncated SVD of each layer's rest);
+a plan the model cannot take is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import torch
 import yaml
 
 from pretrain.config import ModelConfig, SharingConfig, from_dict
+from pretrain.data.tokenizer import MODEL_FILE
 from pretrain.errors import UserError, main_guard
 from pretrain.export import hf, native
 from pretrain.export.checkpoint import read_trained
-from pretrain.export.common import compress
+from pretrain.export.verify import max_logit_diff
 from pretrain.model import SharedTransformer
-from pretrain.sharing import SharingPlan
+from pretrain.model.compress import compress
 
 VERIFY = {"native": native.verify, "hf": hf.verify}
 
@@ -57,13 +62,21 @@ def report_verify(state: dict[str, torch.Tensor], cfg: ModelConfig, output: Path
 
 def export(args) -> int:
     trained = read_trained(args.checkpoint, args.tag, args.tokenizer)
+    tokenizer = trained.tokenizer_dir
+    if not (tokenizer / MODEL_FILE).is_file():  # a native import has no tokenizer of ours
+        if args.format == "hf":
+            raise UserError(
+                f"{trained.where} has no tokenizer of ours ({tokenizer} missing) and a Hugging"
+                " Face export writes one: pass --tokenizer DIR"
+            )
+        tokenizer = None
     print(f"read {trained.where}: {sum(v.numel() for v in trained.state.values()):,} parameters")
     if args.format == "native":
-        native.save_native(trained.state, trained.cfg, trained.tokenizer_dir, args.output)
+        native.save_native(trained.state, trained.cfg, tokenizer, args.output)
     else:
         for note in hf.export_notes(trained.cfg):
             print(note)
-        hf.save_hf(trained.state, trained.cfg, trained.tokenizer_dir, args.output)
+        hf.save_hf(trained.state, trained.cfg, tokenizer, args.output)
     print(f"wrote {args.format} model to {args.output}")
     if args.verify:
         report_verify(trained.state, trained.cfg, args.output, args.format)
@@ -74,15 +87,18 @@ def import_hf(args) -> int:
     if args.format != "native":
         raise UserError("--from-hf imports into our format: use --format native")
     state, cfg, fmt = hf.load_hf(args.from_hf)
+    imported = state, cfg
     if args.share:
-        state, cfg = compress(state, cfg, parse_share(args.share))
-        plan = SharingPlan.from_config(cfg).description
-        print(f"compressed to {plan} sharing: each set is the mean of its layers")
+        state, cfg, report = compress(state, cfg, parse_share(args.share))
+        print("\n".join(report.lines()))
     native.save_native(state, cfg, None, args.output)
     parameters = sum(v.numel() for v in state.values())
     print(f"imported {fmt.model_type} ({parameters:,} parameters) to {args.output}")
     if args.verify:
         report_verify(state, cfg, args.output, "native")
+        if args.share:
+            diff = max_logit_diff(our_model(*imported), our_model(state, cfg))
+            print(f"compression: max |logit diff| against the imported model = {diff:.3e}")
     return 0
 
 
@@ -101,9 +117,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--verify", action="store_true", help="compare logits after writing")
     parser.add_argument(
-        "--share", help="with --from-hf: compress into a shared model, e.g. strategy=all"
+        "--share",
+        help="with --from-hf: compress into a sharing plan (model.sharing keys), e.g."
+        " strategy=all,start=2,end=7,ratio=0.7",
     )
     args = parser.parse_args(argv)
+    if args.share and not args.from_hf:
+        raise UserError(
+            "--share compresses an imported model: use it with --from-hf (a trained model"
+            " converts in Python with SharedTransformer.share_params)"
+        )
     check_output(args.output)
     return import_hf(args) if args.from_hf else export(args)
 

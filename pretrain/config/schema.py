@@ -99,7 +99,8 @@ class SharingConfig(Section):
     end: int | None = None
     """Last logical layer of the shared range (inclusive); default: the last layer."""
     share_qk: bool = False
-    """Use one projection for queries and keys inside each layer (W_q = W_k)."""
+    """Use one projection for queries and keys inside each layer (W_q = W_k); needs
+    num_kv_heads == num_heads (no grouped-query attention)."""
     ratio: float = bounded(1.0, gt=0.0, le=1.0)
     """Relaxed sharing: the shared sets hold this fraction of the shared range's parameters;
     below 1, every layer in the range adds a low-rank delta to each shared linear weight,
@@ -274,6 +275,13 @@ class ModelConfig(Section):
     def _check_sharing(self) -> None:
         """The shared range fits the model and holds what the strategy needs."""
         s, L = self.sharing, self.num_layers
+        _check(
+            not s.share_qk or self.num_kv_heads == self.num_heads,
+            f"sharing.share_qk needs model.num_kv_heads == model.num_heads: with grouped-query"
+            f" attention ({self.num_kv_heads} key heads for {self.num_heads} query heads) one"
+            f" projection cannot give both; set model.num_kv_heads={self.num_heads} or"
+            " sharing.share_qk=false",
+        )
         layers = shared_range(s, L)
         _check(
             layers.stop <= L,

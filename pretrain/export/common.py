@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 
 import torch
 
-from pretrain.config import ModelConfig, SharingConfig
 from pretrain.errors import UserError
-from pretrain.sharing import COMPONENTS, SharingPlan
+from pretrain.sharing import SharingPlan
 
 State = dict[str, torch.Tensor]
 # HF sub-module name (within one layer) -> (our component, our name within that sublayer)
@@ -103,52 +101,3 @@ def identity_projection(dim: int, dtype: torch.dtype, bias: bool) -> State:
     if bias:
         out["bias"] = torch.zeros(dim, dtype=dtype)
     return out
-
-
-def fold_deltas(state: Mapping[str, torch.Tensor], plan: SharingPlan) -> State:
-    """The encoder of a relaxed plan without sharing: layer i gets its set's weights plus its
-    own low-rank delta (up @ down), stored as its own set i."""
-    out = {k: v for k, v in state.items() if not k.startswith("encoder.")}
-    for i in range(plan.num_layers):
-        for component in COMPONENTS:
-            prefix = f"encoder.{component}.{plan.table(component)[i]}."
-            for key, tensor in state.items():
-                if not key.startswith(prefix):
-                    continue
-                name = key[len(prefix) :]  # e.g. fn.q.weight
-                role = name.split(".")[1] if name.startswith("fn.") else ""
-                up = state.get(f"encoder.deltas.{i}.{role}.up.weight")
-                if up is not None and name.endswith(".weight"):
-                    tensor = tensor + up @ state[f"encoder.deltas.{i}.{role}.down.weight"]
-                out[f"encoder.{component}.{i}.{name}"] = tensor
-    return out
-
-
-def fold_relaxed(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> tuple[State, ModelConfig]:
-    """Relaxed sharing -> the same function without sharing (`fold_deltas`) and its config;
-    pure sharing is returned unchanged."""
-    plan = SharingPlan.from_config(cfg)
-    if not plan.relaxed:
-        return dict(state), cfg
-    flat = dataclasses.replace(cfg, sharing=SharingConfig(strategy="none", share_qk=plan.share_qk))
-    return fold_deltas(state, plan), flat
-
-
-def compress(
-    state: Mapping[str, torch.Tensor], cfg: ModelConfig, sharing: SharingConfig
-) -> tuple[State, ModelConfig]:
-    """An unshared (or less shared) model -> `sharing`: each new parameter set is the mean
-    of the layers the new plan maps to it."""
-    new_cfg = dataclasses.replace(cfg, sharing=sharing)
-    old, new = SharingPlan.from_config(cfg), SharingPlan.from_config(new_cfg)
-    out = {k: v for k, v in state.items() if not k.startswith("encoder.")}
-    for component in COMPONENTS:
-        old_table, new_table = old.table(component), new.table(component)
-        prefix = f"encoder.{component}.{old_table[0]}."
-        names = [k[len(prefix) :] for k in state if k.startswith(prefix)]
-        for s in set(new_table):
-            layers = [i for i in range(new.num_layers) if new_table[i] == s]
-            for name in names:
-                tensors = [state[f"encoder.{component}.{old_table[i]}.{name}"] for i in layers]
-                out[f"encoder.{component}.{s}.{name}"] = torch.stack(tensors).mean(0)
-    return out, new_cfg

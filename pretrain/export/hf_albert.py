@@ -17,12 +17,12 @@ from pretrain.export.common import (
     ConversionError,
     State,
     check_identity_projection,
-    fold_relaxed,
     identity_projection,
     layers_from_hf,
     layers_to_hf,
     rename,
 )
+from pretrain.model.compress import fold_relaxed
 from pretrain.sharing import SharingPlan
 
 LAYER_MAP = {

@@ -16,10 +16,10 @@ from pretrain.config import ModelConfig, SharingConfig
 from pretrain.export.common import (
     ConversionError,
     State,
-    fold_relaxed,
     layers_from_hf,
     layers_to_hf,
 )
+from pretrain.model.compress import fold_relaxed
 from pretrain.sharing import SharingPlan
 
 LAYER_MAP = {

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, SharingConfig
 from pretrain.model.blocks import FAMILIES, LayerContext, RowSplit, rope_tables
+from pretrain.model.compress import ShareReport, compress
 from pretrain.model.embeddings import FactorizedEmbedding
 from pretrain.model.encoder import AdaptiveComputationTime, SharedEncoder
 from pretrain.model.heads import TOKEN_HEADS, SOPHead
 from pretrain.model.relaxed import LowRankDelta
+from pretrain.sharing import STRATEGIES
 
 
 @dataclass
@@ -44,6 +46,57 @@ class SharedTransformer(nn.Module):
     @property
     def plan(self):
         return self.encoder.plan
+
+    def share_params(
+        self,
+        start: int,
+        end: int | None = None,
+        ratio: float = 1.0,
+        *,
+        num_sets: int = 1,
+        strategy: str = "all",
+        scope: str = "block",
+        tie_penalty: float = 0.0,
+    ) -> ShareReport:
+        """Convert this model in place to share layers `start`..`end` (inclusive; None: the
+        last layer) in `num_sets` sets by `strategy`, for `scope` (block, attention or ffn).
+
+        Each set starts as the mean of the layers it serves. With `ratio` < 1 every layer of
+        the range keeps a low-rank delta of each shared linear, initialised from the
+        truncated SVD of its own weight minus the shared one, at the largest rank that
+        keeps the shared sets a fraction `ratio` of the range; `tie_penalty` weights the L2
+        penalty on those deltas in training. A model that already shares is converted from
+        its unrolled weights (each layer's set plus its delta); shared Q/K is kept as it
+        is. Works on a trained, imported or fresh model, on its device and dtype; build the
+        optimizer afterwards, since the encoder's parameters are new tensors.
+
+        Returns the report: unique parameters before and after, the delta ranks, and each
+        layer's relative weight error. A plan the model cannot take raises ConfigError and
+        leaves the model as it was.
+        """
+        fixed = strategy in STRATEGIES and not STRATEGIES[strategy].takes_sets
+        sharing = SharingConfig(
+            strategy=strategy,
+            num_sets=None if fixed and num_sets == 1 else num_sets,
+            scope=scope,
+            start=start,
+            end=end,
+            share_qk=self.cfg.sharing.share_qk,
+            ratio=ratio,
+            tie_penalty=tie_penalty,
+        )
+        state, cfg, report = compress(self.state_dict(), self.cfg, sharing)
+        like = next(self.encoder.parameters())
+        with torch.device(like.device):
+            encoder = SharedEncoder(cfg, FAMILIES[cfg.family]).to(like.dtype)
+        prefix = "encoder."
+        encoder.load_state_dict(
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        )
+        encoder.train(self.encoder.training)
+        encoder.checkpoint_layers = self.encoder.checkpoint_layers
+        self.encoder, self.cfg = encoder, cfg
+        return report
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.cfg.initializer_range

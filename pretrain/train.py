@@ -38,7 +38,7 @@ from pretrain.metrics import (
     throughput,
 )
 from pretrain.model import SharedTransformer
-from pretrain.objectives import compute_loss, model_inputs
+from pretrain.objectives import compute_loss, distill, model_inputs
 from pretrain.preflight import check_output_dir
 from pretrain.summary import account
 
@@ -85,14 +85,16 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.train_data = PretrainDataset(cfg, "train")
         self.eval_data = PretrainDataset(cfg, "valid") if cfg.train.eval_every else None
+        self.teacher = self._load_teacher() if cfg.distill.teacher else None
         model = SharedTransformer(cfg.model)
         if cfg.train.init_from and not checkpoint.has_checkpoint(self.ckpt_dir):
             self._init_from(model, cfg.train.init_from)
+        if cfg.distill.hidden_weight > 0:
+            self._add_projection(model)
         model.encoder.checkpoint_layers = cfg.engine.activation_checkpointing
         if cfg.train.compile:
             model.encoder.compile_blocks()
         self.engine = runtime.initialize(model, cfg, self.world)
-        self.teacher = self._load_teacher() if cfg.distill.teacher else None
         self.step, self.consumed, self.last_saved = 0, 0, -1
         self.skipped_in_row = 0
         self._resume()
@@ -143,16 +145,47 @@ class Trainer:
         self._print(f"distilling from {self.cfg.distill.teacher}")
         return teacher
 
+    def _add_projection(self, model: SharedTransformer) -> None:
+        """The student -> teacher width projection of hidden-state matching, as a child of
+        the student module so that the engine trains, partitions and checkpoints it with
+        the student (exports leave it out). Drawn from its own generator: the student's
+        initialisation and dropout see the same random numbers as without it."""
+        teacher = self.teacher.cfg
+        self.layer_map = distill.layer_map(
+            self.cfg.distill.layer_map, self.cfg.model.num_layers, teacher.num_layers
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.train.seed)
+            project = distill.projection(self.cfg.model.hidden_size, teacher.hidden_size)
+        if project is not None:
+            model.add_module(distill.PROJECTION, project)
+
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """The engine's forward and the loss of one batch on the device, with the
-        teacher's logits at the same positions when distilling."""
+        teacher's logits at the same positions (and its hidden states) when distilling."""
         inputs = model_inputs(batch)
-        output = self.engine(**inputs)
-        teacher_logits = None
+        hidden = self.cfg.distill.hidden_weight > 0
+        output = self.engine(**inputs, output_hidden_states=hidden)
+        teacher = None
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits = self.teacher(**inputs).logits
-        return compute_loss(output, batch, self.cfg, teacher_logits)
+                teacher = self.teacher(**inputs, output_hidden_states=hidden)
+        loss, metrics = compute_loss(
+            output, batch, self.cfg, None if teacher is None else teacher.logits
+        )
+        if hidden:
+            project = getattr(self.engine.module, distill.PROJECTION, None)
+            term, m = distill.hidden_loss(
+                output.hidden_states,
+                teacher.hidden_states,
+                self.layer_map,
+                project,
+                batch.get("attention_mask"),
+            )
+            loss = loss + self.cfg.distill.hidden_weight * term
+            metrics |= m
+            metrics["loss"] = loss.detach()
+        return loss, metrics
 
     # -- state -------------------------------------------------------------------------
 

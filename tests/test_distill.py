@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import REPO, losses, tiny_model, train
 
-from pretrain.config import load_config
+from pretrain.config import ConfigError, load_config
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.data.masking import IGNORE_INDEX
 from pretrain.data.tokenizer import MODEL_FILE, Tokenizer
@@ -22,6 +22,7 @@ from pretrain.export.native import save_native
 from pretrain.export.teacher import TeacherError, check_teacher, describe_teacher, load_teacher
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, kd_loss, model_inputs
+from pretrain.objectives.distill import PROJECTION, hidden_loss, layer_map
 
 CONFIG = REPO / "configs" / "tiny-albert.yaml"
 
@@ -41,6 +42,78 @@ def run_config(shards: Path, teacher: Path | str = "", *overrides: str):
 
 
 # -- the loss ---------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_hidden_loss_is_the_mse_of_matched_layers_at_real_tokens():
+    g = torch.Generator().manual_seed(0)
+    student = [torch.randn(2, 5, 4, generator=g) for _ in range(3)]
+    teacher = [torch.randn(2, 5, 6, generator=g) for _ in range(2)]
+    project = torch.nn.Linear(4, 6, bias=False)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0  # padding: never matched
+    keep = mask.bool()
+    loss, metrics = hidden_loss(student, teacher, [-1, 0, 1], project, mask)
+    expected = [
+        ((project(student[s])[keep] - teacher[t][keep]) ** 2).mean() for s, t in ((1, 0), (2, 1))
+    ]
+    assert torch.allclose(loss, torch.stack(expected).mean())
+    assert float(metrics["hidden_loss"]) == float(loss)
+    same, _ = hidden_loss(teacher, teacher, [0, 1], None, None)
+    assert float(same) == 0.0
+
+
+@pytest.mark.unit
+def test_default_layer_map_lets_the_last_layers_meet():
+    assert layer_map((), 4, 4) == [0, 1, 2, 3]
+    assert layer_map((), 4, 12) == [2, 5, 8, 11]
+    assert layer_map((), 4, 6) == [-1, 2, -1, 5]
+    assert layer_map((), 6, 3) == [-1, 0, -1, 1, -1, 2]
+    assert layer_map((0, 0, 1), 3, 2) == [0, 0, 1]
+
+
+@pytest.mark.unit
+def test_each_layer_application_of_a_shared_set_has_its_own_hidden_state():
+    model = tiny_model(sharing={"strategy": "all"})
+    ids = torch.randint(1, 97, (2, 12))
+    out = model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == model.cfg.num_layers
+    # one shared set, four applications: four different outputs, the last the encoder's
+    assert not torch.equal(out.hidden_states[0], out.hidden_states[1])
+    h_BTH = model.embeddings(ids, None)
+    ctx = model.attention_context(ids, None, h_BTH.dtype)
+    assert torch.equal(out.hidden_states[-1], model.encoder(h_BTH, ctx)[0])
+    assert model(ids).hidden_states is None
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--distill.hidden_weight=1"], "distill.hidden_weight needs a distill.teacher"),
+        (["--distill.teacher=t", "--distill.layer_map=[0, 1]"], "distill.layer_map is set but"),
+        (
+            ["--distill.teacher=t", "--distill.hidden_weight=1", "--distill.layer_map=[0, 1]"],
+            "distill.layer_map has 2 entries; it needs one per layer application",
+        ),
+        (
+            [
+                "--distill.teacher=t",
+                "--distill.hidden_weight=1",
+                "--distill.layer_map=[-1,-1,-1,-1]",
+            ],
+            r"distill.layer_map \(\[-1, -1, -1, -1\]\) takes teacher layers >= 0",
+        ),
+    ],
+)
+def test_hidden_matching_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIG, overrides)
+    cfg = load_config(
+        CONFIG,
+        ["--distill.teacher=t", "--distill.hidden_weight=1", "--distill.layer_map=[0,0,1,-1]"],
+    )
+    assert cfg.distill.layer_map == (0, 0, 1, -1)
 
 
 @pytest.mark.unit
@@ -121,6 +194,17 @@ def test_native_teacher_loads_frozen_and_leaves_the_rng_alone(shards_dir, tokeni
     assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in teacher.parameters())
     state = teacher.state_dict()
     assert all(torch.equal(state[k], v.bfloat16()) for k, v in model.state_dict().items())
+
+
+@pytest.mark.unit
+def test_a_layer_map_past_the_teachers_layers_is_refused(shards_dir, tokenizer_dir, tmp_path):
+    model = tiny_model(seed=4)  # 4 layers
+    save_native(model.state_dict(), model.cfg, tokenizer_dir, tmp_path / "native")
+    hidden = ["--distill.hidden_weight=1", "--model.num_layers=2", "--distill.layer_map=[1,4]"]
+    cfg = run_config(shards_dir, tmp_path / "native", *hidden)
+    source = describe_teacher(tmp_path / "native")
+    with pytest.raises(TeacherError, match=r"names teacher layer 4, .* has 4 layers \(0..3\)"):
+        check_teacher(source, cfg, Tokenizer(tokenizer_dir))
 
 
 @pytest.mark.unit
@@ -248,3 +332,33 @@ def test_exact_resume_with_distillation(runs, shards_dir, tmp_path):
     assert "at step 4" in second.stderr and "distilling from" in second.stderr
     for key in ("loss", "kd_loss"):
         assert losses(out, key) == losses(runs["distilled"], key), key
+
+
+HIDDEN = [
+    "--model.hidden_size=32",  # narrower than the teacher: a learned projection to its width
+    "--model.intermediate_size=64",
+    "--distill.hidden_weight=1.0",
+]
+
+
+@pytest.mark.distributed
+def test_hidden_states_are_matched_through_a_projection_that_export_leaves_out(
+    runs, shards_dir, tmp_path
+):
+    out = tmp_path / "hidden"
+    kd = [*runs["kd"], *HIDDEN]
+    train(shards_dir, out, *kd, "--train.max_steps=4")
+    second = train(shards_dir, out, *kd, f"--train.max_steps={STEPS}")
+    assert "at step 4" in second.stderr
+    hidden = losses(out, "hidden_loss")
+    assert sorted(hidden) == list(range(1, STEPS + 1))
+    assert hidden[STEPS] < 0.8 * hidden[1], hidden
+    # the projection trains with the student (checkpointed, so resume is exact) ...
+    straight = tmp_path / "straight"
+    train(shards_dir, straight, *kd, f"--train.max_steps={STEPS}")
+    for key in ("loss", "kd_loss", "hidden_loss"):
+        assert losses(out, key) == losses(straight, key), key
+    # ... and is not part of the model: the export holds the student's weights only
+    trained = read_trained(out)
+    assert not any(k.startswith(PROJECTION) for k in trained.state)
+    SharedTransformer(trained.cfg).load_state_dict(trained.state)

@@ -31,7 +31,10 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if origin is tuple:
-        return f"a list of {len(typing.get_args(tp))} numbers"
+        args = typing.get_args(tp)
+        if args[-1] is Ellipsis:
+            return f"a list of {_type_name(args[0]).removeprefix('an ').removeprefix('a ')}s"
+        return f"a list of {len(args)} numbers"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -62,6 +65,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}{hint}")
     elif origin is tuple:
         args = typing.get_args(tp)
+        if args[-1] is Ellipsis and isinstance(value, (list, tuple)):  # tuple[X, ...]
+            args = (args[0],) * len(value)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(
                 _convert(v, a, f"{key}[{i}]")

@@ -460,6 +460,15 @@ class DistillConfig(Section):
     """Weight of the distillation term: loss = task loss + alpha * T^2 * KL(teacher||student)."""
     temperature: float = bounded(1.0, gt=0.0)
     """T: both distributions are softened by dividing the logits by T."""
+    hidden_weight: float = bounded(0.0, ge=0.0)
+    """Weight of hidden-state matching: the mean squared error between the output of each
+    matched student layer application (through a learned linear projection when the widths
+    differ) and its teacher layer's, at real tokens; 0 turns it off."""
+    layer_map: tuple[int, ...] = ()
+    """The teacher layer each student layer application is matched to (0-based, -1 for
+    none), one entry per application: a shared set used at several depths is matched at
+    each. Empty: application i of L matches the teacher layer j at the same relative depth,
+    (i + 1) / L = (j + 1) / L_teacher, where there is one (the last layers always)."""
 
 
 @dataclass
@@ -499,6 +508,36 @@ class Config:
             self.data.seq_length <= self.model.max_position_embeddings,
             f"data.seq_length ({self.data.seq_length}) must not exceed"
             f" model.max_position_embeddings ({self.model.max_position_embeddings})",
+        )
+        self._check_hidden_distillation()
+
+    def _check_hidden_distillation(self) -> None:
+        d, L = self.distill, self.model.num_layers
+        if d.hidden_weight == 0.0:
+            _check(
+                not d.layer_map,
+                "distill.layer_map is set but distill.hidden_weight is 0; set a weight or"
+                " remove the map",
+            )
+            return
+        _check(
+            bool(d.teacher),
+            "distill.hidden_weight needs a distill.teacher whose hidden states to match",
+        )
+        _check(
+            not self.model.universal.enabled,
+            "distill.hidden_weight cannot match a Universal Transformer's layers (positions"
+            " halt at different steps); set distill.hidden_weight=0",
+        )
+        _check(
+            not d.layer_map or len(d.layer_map) == L,
+            f"distill.layer_map has {len(d.layer_map)} entries; it needs one per layer"
+            f" application (model.num_layers = {L})",
+        )
+        _check(
+            all(t >= -1 for t in d.layer_map) and any(t >= 0 for t in d.layer_map or [0]),
+            f"distill.layer_map ({list(d.layer_map)}) takes teacher layers >= 0, -1 for an"
+            " unmatched application, and at least one match",
         )
 
     def to_dict(self) -> dict[str, Any]:

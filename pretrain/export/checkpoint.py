@@ -19,6 +19,7 @@ from pretrain.data.tokenizer import MODEL_FILE, Tokenizer
 from pretrain.errors import UserError
 from pretrain.export.native import CONFIG, TOKENIZER, WEIGHTS, check_state, load_config
 from pretrain.model import SharedTransformer
+from pretrain.objectives.distill import PROJECTION
 
 
 @dataclass
@@ -76,6 +77,12 @@ def newest_valid_tag(folder: Path) -> str:
     return tag
 
 
+def model_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights without what only training used (the distillation
+    projection): the model's own state dict."""
+    return {k: v for k, v in state.items() if not k.startswith(PROJECTION + ".")}
+
+
 def read_checkpoint(
     path: str | Path, tag: str | None = None, tokenizer: str | Path | None = None
 ) -> TrainedModel:
@@ -92,7 +99,7 @@ def read_checkpoint(
     run_state = read_run_state(folder, tag)
     cfg = from_dict(ModelConfig, run_state["config"]["model"], "model")
     tokenizer_dir = _tokenizer_for(run_state, tokenizer, where)
-    state = fp32_state_dict(folder, tag)
+    state = model_weights(fp32_state_dict(folder, tag))
     check_state(state, SharedTransformer(cfg), where)
     return TrainedModel(state, cfg, tokenizer_dir, where)
 

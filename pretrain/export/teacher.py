@@ -27,7 +27,7 @@ from pretrain.config import Config, ConfigError, ModelConfig, from_dict
 from pretrain.data.tokenizer import MODEL_FILE, Tokenizer, file_checksum
 from pretrain.errors import UserError
 from pretrain.export import native
-from pretrain.export.checkpoint import checkpoint_folder, newest_valid_tag
+from pretrain.export.checkpoint import checkpoint_folder, model_weights, newest_valid_tag
 from pretrain.export.hf import CONFIG_FILE, format_for_model_type, load_hf
 from pretrain.model import SharedTransformer
 
@@ -139,6 +139,12 @@ def check_teacher(source: TeacherSource, cfg: Config, student: Tokenizer) -> Non
             f"{where} is a {kinds[t.causal]} language model and this run's is"
             f" {kinds[s.causal]}; choose a teacher of the same objective"
         )
+    beyond = [i for i in cfg.distill.layer_map if i >= t.num_layers]
+    if beyond:
+        raise TeacherError(
+            f"distill.layer_map names teacher layer {beyond[0]}, but {where} has"
+            f" {t.num_layers} layers (0..{t.num_layers - 1})"
+        )
     if cfg.data.seq_length > t.max_position_embeddings:
         raise TeacherError(
             f"{where} takes at most {t.max_position_embeddings} positions, fewer than"
@@ -162,7 +168,7 @@ def load_teacher(
     else:
         from pretrain.engine.consolidate import fp32_state_dict
 
-        state = fp32_state_dict(source.path, source.tag)
+        state = model_weights(fp32_state_dict(source.path, source.tag))
     with torch.random.fork_rng(devices=[]):
         model = SharedTransformer(source.cfg)
     native.check_state(state, model, source.where)

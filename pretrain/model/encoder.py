@@ -68,14 +68,18 @@ class SharedEncoder(nn.Module):
         return torch.stack(penalties).sum() if penalties else None
 
     def forward(
-        self, h_BTH: torch.Tensor, ctx: LayerContext
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the final hidden states and the ponder cost (None without ACT)."""
+        self, h_BTH: torch.Tensor, ctx: LayerContext, keep_layers: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
+        """Returns the final hidden states, the ponder cost (None without ACT) and, with
+        `keep_layers`, each layer application's output (not under ACT, whose positions
+        halt at different steps)."""
         if self.act is not None:
-            return self.act(h_BTH, ctx, self._run, self.plan.num_layers)
+            return (*self.act(h_BTH, ctx, self._run, self.plan.num_layers), None)
+        layers = []
         for i in range(self.plan.num_layers):
             h_BTH = self._run(i, h_BTH, ctx)
-        return h_BTH, None
+            layers.append(h_BTH)
+        return h_BTH, None, tuple(layers) if keep_layers else None
 
 
 class AdaptiveComputationTime(nn.Module):

@@ -27,6 +27,8 @@ class ModelOutput:
     """Scalar mean(N + R) of ACT (Universal Transformer mode), unweighted."""
     tie_penalty: torch.Tensor | None = None
     """Scalar sum of squared per-layer deltas (relaxed sharing), unweighted."""
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    """(B, T, H) output of each of the L layer applications, with `output_hidden_states`."""
 
 
 class SharedTransformer(nn.Module):
@@ -142,12 +144,14 @@ class SharedTransformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         predict_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
     ) -> ModelOutput:
         """input_ids (B, T); attention_mask (B, T), 1 for real tokens; token_type_ids (B, T);
-        predict_mask (B, T) bool: compute token logits only there (masked positions)."""
+        predict_mask (B, T) bool: compute token logits only there (masked positions);
+        output_hidden_states: also return every layer application's output."""
         h_BTH = self.embeddings(input_ids, token_type_ids)
         ctx = self.attention_context(input_ids, attention_mask, h_BTH.dtype)
-        h_BTH, ponder_cost = self.encoder(h_BTH, ctx)
+        h_BTH, ponder_cost, layers = self.encoder(h_BTH, ctx, output_hidden_states)
         if self.final_norm is not None:
             h_BTH = self.final_norm(h_BTH)
         sop_logits = self.sop_head(h_BTH) if self.sop_head is not None else None
@@ -158,4 +162,5 @@ class SharedTransformer(nn.Module):
             sop_logits=sop_logits,
             ponder_cost=ponder_cost,
             tie_penalty=self.encoder.tie_penalty(),
+            hidden_states=layers,
         )

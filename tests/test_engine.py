@@ -9,6 +9,32 @@ from helpers import run_single
 
 from pretrain.config import EngineConfig, OptimConfig
 from pretrain.engine.ds_config import build_ds_config
+from pretrain.engine.runtime import PrecisionError, check_precision
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_a_precision_the_accelerator_lacks_is_one_line_naming_what_runs(precision):
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {
+        "fp32": True,
+        "bf16": accelerator.is_bf16_supported(),
+        "fp16": accelerator.is_fp16_supported(),
+    }
+    if supported[precision]:
+        check_precision(precision)  # no error where it runs
+        return
+    # fp16 on CPUs: DeepSpeed's own check would end every rank with a traceback
+    usable = " or ".join(p for p, ok in supported.items() if ok)
+    with pytest.raises(PrecisionError) as err:
+        check_precision(precision)
+    assert str(err.value) == (
+        f"engine.precision={precision} is not supported on this machine's"
+        f" {accelerator.device_name()} accelerator; use engine.precision={usable}"
+    )
+    assert err.value.collective
 
 
 @pytest.mark.unit

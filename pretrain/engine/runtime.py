@@ -12,9 +12,10 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 
-from pretrain.config import Config
+from pretrain.config import Config, ConfigError
 from pretrain.engine.ds_config import build_ds_config
 from pretrain.engine.optim import build_optimizer, build_scheduler
 
@@ -68,8 +69,32 @@ def init_distributed() -> World:
     return World(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
+class PrecisionError(ConfigError):
+    """A precision the machine's accelerator cannot run (every rank has the same kind)."""
+
+    collective = True
+
+
+def check_precision(precision: str) -> None:
+    """`engine.precision` runs on this machine's accelerator, or one line says what does
+    (DeepSpeed would stop every rank with a traceback: fp16 on CPUs)."""
+    accelerator = get_accelerator()
+    supported = {
+        "fp32": True,
+        "bf16": accelerator.is_bf16_supported(),
+        "fp16": accelerator.is_fp16_supported(),
+    }
+    if not supported[precision]:
+        usable = " or ".join(p for p, ok in supported.items() if ok)
+        raise PrecisionError(
+            f"engine.precision={precision} is not supported on this machine's"
+            f" {accelerator.device_name()} accelerator; use engine.precision={usable}"
+        )
+
+
 def initialize(model: nn.Module, cfg: Config, world: World):
     """Wrap `model` in a DeepSpeed engine with our optimizer and LR schedule."""
+    check_precision(cfg.engine.precision)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     engine, _, _, _ = deepspeed.initialize(

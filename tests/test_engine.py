@@ -52,6 +52,8 @@ def test_ds_config_states_what_the_run_relies_on():
         "stage": 3,
         "overlap_comm": True,
         "stage3_param_persistence_threshold": 100000,
+        "stage3_max_reuse_distance": int(1e9),
+        "stage3_max_live_parameters": int(1e9),
     }
     # The trainer calls step() once per optimizer step, whatever micro-batches it skipped.
     assert ds["managed_gradient_accumulation"] is False

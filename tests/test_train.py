@@ -329,6 +329,26 @@ def test_gradient_traffic_scales_with_unique_parameters(shards_dir, tmp_path):
     assert abs(ratio_bytes / ratio_params - 1) <= 0.05, (ratio_bytes, ratio_params)
 
 
+@pytest.mark.distributed
+def test_zero3_gathers_a_shared_set_once_per_step(shards_dir, tmp_path):
+    """All four layer applications run one shared block: after the first (tracing) step,
+    ZeRO-3 all-gathers each parameter once per step, not once per use."""
+    from pretrain.config import load_config
+    from pretrain.summary import account
+
+    gathered = {}
+    for steps in (3, 5):
+        out = tmp_path / str(steps)
+        zero3 = ["--engine.zero_stage=3", "--engine.comms_logger=true"]
+        train(shards_dir, out, *zero3, f"--train.max_steps={steps}", "--checkpoint.every=0")
+        record = json.loads((out / "comms.json").read_text())
+        gathered[steps] = record["bytes"]["all_gather_into_tensor"]
+    per_step = (gathered[5] - gathered[3]) / 2
+    unique = account(load_config(REPO / "configs" / "tiny-albert.yaml", BASE)).unique_params
+    world = 2  # the logger counts each rank's partition: 1/world of every fp32 parameter
+    assert abs(per_step / (unique * 4 / world) - 1) < 0.01, (per_step, unique)
+
+
 def test_resuming_into_another_model_fails_clearly(straight, shards_dir, tmp_path):
     import shutil
 

@@ -11,6 +11,11 @@ from typing import Any
 from pretrain.config import EngineConfig, OptimConfig
 
 NEVER = 1 << 30  # DeepSpeed's own periodic console prints are replaced by our logging
+# ZeRO-3 keeps a gathered parameter until it has gone unused for this many module calls
+# and holds up to this many gathered elements: a shared set, used by several layer
+# applications in one step, is then gathered once per step, not once per use (measured
+# by the comms logger: tests/test_train.py). These are DeepSpeed's defaults, stated.
+ZERO3_REUSE = int(1e9)
 
 
 def zero_config(engine: EngineConfig) -> dict[str, Any]:
@@ -19,6 +24,8 @@ def zero_config(engine: EngineConfig) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": engine.zero_stage, "overlap_comm": engine.zero_stage == 3}
     if engine.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = engine.zero3_persistence_threshold
+        zero["stage3_max_reuse_distance"] = ZERO3_REUSE
+        zero["stage3_max_live_parameters"] = ZERO3_REUSE
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if engine.offload_params:

@@ -28,7 +28,7 @@ from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine import checkpoint, runtime
 from pretrain.errors import UserError, print_error
 from pretrain.export import native
-from pretrain.export.teacher import load_teacher
+from pretrain.export.teacher import TeacherSource, describe_teacher, load_teacher
 from pretrain.metrics import (
     DTYPES,
     MetricsLogger,
@@ -136,11 +136,23 @@ class Trainer:
     def _load_teacher(self) -> SharedTransformer:
         """distill.teacher on every rank, whole (never handed to DeepSpeed: not partitioned,
         not saved), in the run's precision, without gradients."""
+        # Rank 0 finds the teacher (hashing a run's checkpoint files once, not once per
+        # rank) and tells the others, or gives them its error.
+        found: TeacherSource | UserError | None = None
+        if self.world.rank == 0:
+            try:
+                found = describe_teacher(self.cfg.distill.teacher)
+            except UserError as err:
+                found = err
+        found = runtime.broadcast_object(found)
+        if isinstance(found, UserError):
+            raise found
         teacher = load_teacher(
             self.cfg,
             self.train_data.tokenizer,
             self.world.device,
             DTYPES[self.cfg.engine.precision],
+            found,
         )
         self._print(f"distilling from {self.cfg.distill.teacher}")
         return teacher

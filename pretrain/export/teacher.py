@@ -153,12 +153,17 @@ def check_teacher(source: TeacherSource, cfg: Config, student: Tokenizer) -> Non
 
 
 def load_teacher(
-    cfg: Config, student: Tokenizer, device: torch.device, dtype: torch.dtype
+    cfg: Config,
+    student: Tokenizer,
+    device: torch.device,
+    dtype: torch.dtype,
+    source: TeacherSource | None = None,
 ) -> SharedTransformer:
     """The checked teacher in eval mode, in `dtype` on `device`, with no parameter that
     takes gradients. Building it leaves the RNG as it was, so that a run's student and
-    dropout draw the same numbers with and without distillation."""
-    source = describe_teacher(cfg.distill.teacher)
+    dropout draw the same numbers with and without distillation. `source`: the teacher's
+    `describe_teacher`, when the caller has it already."""
+    source = source or describe_teacher(cfg.distill.teacher)
     check_teacher(source, cfg, student)
     if source.kind == "native":
         state = load_file(str(source.path / native.WEIGHTS))

@@ -4,7 +4,8 @@
 #   bash launch/pretrain.sh CONFIG [--dotted.overrides ...]
 #
 # Environment:
-#   NUM_GPUS     processes per node (default: every GPU, or 2 CPU ranks without GPUs)
+#   NUM_GPUS     processes per node (default: the hostfile's slots; without HOSTFILE,
+#                every GPU here, or 2 CPU ranks without GPUs)
 #   NUM_NODES    nodes to use from HOSTFILE (default: all of them)
 #   HOSTFILE     deepspeed hostfile ("host slots=N" per line) for multi-node runs
 #   MASTER_ADDR  address of rank 0 (default: the launcher's choice)
@@ -53,8 +54,14 @@ else
   num_gpus=${NUM_GPUS:-$gpus}
 fi
 
-launcher=("$python" -m deepspeed.launcher.runner --num_gpus "$num_gpus")
-[ -n "${HOSTFILE:-}" ] && launcher+=(--hostfile "$HOSTFILE")
+launcher=("$python" -m deepspeed.launcher.runner)
+if [ -n "${HOSTFILE:-}" ]; then
+  launcher+=(--hostfile "$HOSTFILE")
+  # --num_gpus would replace every node's slots with this machine's count.
+  [ -n "${NUM_GPUS:-}" ] && launcher+=(--num_gpus "$NUM_GPUS")
+else
+  launcher+=(--num_gpus "$num_gpus")
+fi
 [ -n "${NUM_NODES:-}" ] && launcher+=(--num_nodes "$NUM_NODES")
 [ -n "${MASTER_ADDR:-}" ] && launcher+=(--master_addr "$MASTER_ADDR")
 # The rendezvous port: rank 0 listens on it. On one machine (no HOSTFILE), check the port

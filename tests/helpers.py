@@ -9,13 +9,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
+import pytest
 import torch
 
 from pretrain.config import ModelConfig, SharingConfig, UniversalConfig
@@ -284,3 +287,44 @@ def run_single(shards: Path, out: Path, *overrides: str):
     clean = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     command = [sys.executable, *trainer_args(shards, out, *overrides)]
     return run_process(command, env=clean)
+
+
+# -- system prerequisites (cluster launchers) --------------------------------------------------
+
+
+def missing(reason: str) -> NoReturn:
+    """A prerequisite is missing: fail under CI (CI set, as .ci/run does), else skip.
+
+    A CI that cannot run a test must say so, not pass."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"CI is set and this test cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def apt_install(packages: list[str], commands: list[str]) -> None:
+    """Install Debian `packages` unless every one of `commands` is already on PATH."""
+    if all(shutil.which(c) for c in commands):
+        return
+    if os.geteuid() != 0:
+        missing(f"{', '.join(commands)} missing, and installing {' '.join(packages)} needs root")
+    command = ["apt-get", "install", "-y", "-q", *packages]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(command, env=env, capture_output=True).returncode != 0:
+        # A fresh machine has no package lists yet.
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            missing(f"apt-get could not install {' '.join(packages)}: {result.stderr[-500:]}")
+
+
+def stop_daemon(pid: int) -> None:
+    """SIGTERM a daemon and wait for it to exit (SIGKILL after 15 s), so nothing outlives
+    the tests."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(30):
+            os.kill(pid, 0)
+            time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

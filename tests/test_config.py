@@ -201,11 +201,6 @@ BAD_CONFIGS = {
         ["--model.sharing.ratio=0.999"],
         "sharing.ratio (0.999) leaves no room for a rank-1 delta",
     ),
-    "lamb_under_zero": (
-        None,
-        ["--optim.name=lamb", "--engine.zero_stage=2"],
-        "optim.name=lamb needs engine.zero_stage=0 and engine.precision=fp32",
-    ),
     "compile_under_zero3": (
         None,
         ["--train.compile=true", "--engine.zero_stage=3"],

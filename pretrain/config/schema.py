@@ -487,13 +487,6 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(
-            self.optim.name != "lamb"
-            or (self.engine.zero_stage == 0 and self.engine.precision == "fp32"),
-            "optim.name=lamb needs engine.zero_stage=0 and engine.precision=fp32: ZeRO and"
-            " DeepSpeed's mixed-precision optimizers give the optimizer flattened slices, which"
-            " breaks LAMB's per-tensor trust ratio; use optim.name=adamw",
-        )
-        _check(
             self.optim.warmup_steps <= self.train.max_steps,
             f"optim.warmup_steps ({self.optim.warmup_steps}) must not exceed"
             f" train.max_steps ({self.train.max_steps})",

@@ -11,9 +11,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pretrain.config import OptimConfig
@@ -52,6 +54,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+@dataclass(frozen=True)
+class Partition:
+    """One rank's flat slice of a parameter group, as ZeRO hands it to the optimizer.
+
+    `owner[i]` is the index, within the group, of the tensor element i belongs to, and
+    `tensors` marks padding: a per-tensor sum over the slice is one index_add, and over the
+    whole tensor one all-reduce of those sums over `group`, run on `device` (where the
+    collective backend takes tensors: the accelerator even when the slice is offloaded).
+    """
+
+    owner: torch.Tensor  # (numel,) int64
+    tensors: int
+    group: Any  # torch.distributed.ProcessGroup
+    device: torch.device
+
+
 class Lamb(torch.optim.Optimizer):
     """LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning").
 
@@ -60,8 +78,11 @@ class Lamb(torch.optim.Optimizer):
     norm is 0). New moments are fp32 whatever the parameter dtype (torch's load_state_dict
     casts them to it; DeepSpeed's fp32 master weights keep them fp32).
 
-    The trust ratio is per tensor, so it needs the optimizer to see whole tensors: ZeRO
-    hands it flat partitions of each group instead, making r per partition.
+    The trust ratio is per tensor. Under ZeRO (and DeepSpeed's bf16 optimizer) the optimizer
+    is handed flat partitions instead, each holding pieces of many tensors and a tensor's
+    pieces spread over ranks: `partitions` (set by the engine, keyed by id of the flat
+    tensor) says which tensor each element belongs to, and the norms are summed per tensor
+    across the ranks before the ratio is taken.
     """
 
     def __init__(
@@ -80,6 +101,7 @@ class Lamb(torch.optim.Optimizer):
             raise ValueError(f"Lamb: betas ({list(betas)}) must each be in [0, 1)")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
+        self.partitions: dict[int, Partition] = {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -90,11 +112,27 @@ class Lamb(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
+                # ZeRO gives every rank's flat partition a gradient, so the ranks take part
+                # in the same all-reduces in the same order.
                 if p.grad is not None:
                     self._update(p, group)
         return loss
 
     def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        w, u = p.float(), self._direction(p, group)
+        partition = self.partitions.get(id(p))
+        if partition is None:
+            w_norm, u_norm = w.norm(), u.norm()
+        else:
+            w_norm, u_norm = _norms_per_tensor(w, u, partition)
+        # torch.where, not `if`: no device-to-host sync per tensor on GPU.
+        ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+        if partition is not None:
+            ratio = ratio[partition.owner]  # each element takes its own tensor's ratio
+        p.sub_((u * (group["lr"] * ratio)).to(p.dtype))
+
+    def _direction(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Advance the moments of `p` and return u, the update before the trust ratio."""
         if p.grad.is_sparse:
             raise RuntimeError("Lamb does not support sparse gradients")
         state = self.state[p]
@@ -105,18 +143,29 @@ class Lamb(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         t = state["step"]
-        g, w = p.grad.float(), p.float()
+        g = p.grad.float()
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         v_hat = v / (1.0 - beta2**t)
         u = (m / (1.0 - beta1**t)) / (v_hat.sqrt() + group["eps"])
         if group["weight_decay"] != 0.0:
-            u.add_(w, alpha=group["weight_decay"])
-        w_norm, u_norm = w.norm(), u.norm()
-        # torch.where, not `if`: no device-to-host sync per tensor on GPU.
-        ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
-        p.sub_((u * (group["lr"] * ratio)).to(p.dtype))
+            u.add_(p.float(), alpha=group["weight_decay"])
+        return u
+
+
+def _norms_per_tensor(
+    w_flat: torch.Tensor, u_flat: torch.Tensor, partition: Partition
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """||w|| and ||u|| of every tensor with elements in a flat partition, each (tensors + 1,)
+    with padding last: squares summed per tensor here, then over the ranks."""
+    sums = torch.zeros(2, partition.tensors + 1, dtype=torch.float32, device=w_flat.device)
+    sums[0].index_add_(0, partition.owner, w_flat.square())
+    sums[1].index_add_(0, partition.owner, u_flat.square())
+    total = sums.to(partition.device)
+    dist.all_reduce(total, group=partition.group)
+    w_norm, u_norm = total.to(w_flat.device).sqrt()
+    return w_norm, u_norm
 
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {

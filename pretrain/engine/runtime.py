@@ -17,7 +17,8 @@ from torch import nn
 
 from pretrain.config import Config, ConfigError
 from pretrain.engine.ds_config import build_ds_config
-from pretrain.engine.optim import build_optimizer, build_scheduler
+from pretrain.engine.optim import Lamb, build_optimizer, build_scheduler
+from pretrain.engine.partitions import zero_partitions
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,9 @@ def initialize(model: nn.Module, cfg: Config, world: World):
         lr_scheduler=scheduler,
         config=build_ds_config(cfg.engine, cfg.optim, world.size),
     )
+    # Without ZeRO in fp32 the engine steps our optimizer over the model's own tensors.
+    if isinstance(optimizer, Lamb) and engine.optimizer is not optimizer:
+        optimizer.partitions = zero_partitions(engine.optimizer)
     return engine
 
 

@@ -15,7 +15,7 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 # Each test is marked with exactly one (pyproject.toml describes them); `make test-fast` runs
 # the unit tier.
-TIERS = ("unit", "distributed", "parity", "e2e", "slurm")
+TIERS = ("unit", "distributed", "parity", "e2e", "cluster")
 # A unit test runs in the test process: these fixtures start others.
 PROCESS_FIXTURES = {"cli", "spawn"}
 

@@ -23,7 +23,7 @@ import psutil
 import pytest
 from helpers import REPO, apt_install, env, free_port, losses, missing, run_process, stop_daemon
 
-pytestmark = pytest.mark.slurm
+pytestmark = pytest.mark.cluster
 
 NODES = ("localhost", "127.0.0.1")
 # A 2-rank run on one node, as tests/test_e2e.py checks it: its config, overrides and losses.

@@ -10,36 +10,15 @@ run them must say so, not pass).
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
-from helpers import BASE, REPO, free_port, losses
+from helpers import BASE, REPO, apt_install, free_port, losses, missing, stop_daemon
 
-pytestmark = pytest.mark.slurm
-
-
-def missing(reason: str) -> NoReturn:
-    """A prerequisite is missing: fail under CI (CI set, as .ci/run does), else skip."""
-    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"CI is set and the SLURM tests cannot run: {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
-def _install() -> None:
-    if shutil.which("slurmctld") and shutil.which("munged"):
-        return
-    command = ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if subprocess.run(command, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-        result = subprocess.run(command, env=env, capture_output=True, text=True)
-        if result.returncode != 0:
-            missing(f"apt-get could not install slurm-wlm and munge: {result.stderr[-500:]}")
+pytestmark = pytest.mark.cluster
 
 
 def _write_conf(root: Path) -> Path:
@@ -79,7 +58,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 def cluster(tmp_path_factory):
     if os.geteuid() != 0:
         missing("SLURM daemons (slurmctld, slurmd, munged) need root here")
-    _install()
+    apt_install(["slurm-wlm", "munge"], ["slurmctld", "munged"])
     root = tmp_path_factory.mktemp("slurm")
     for sub in ("state", "spool"):
         (root / sub).mkdir()
@@ -117,19 +96,7 @@ def cluster(tmp_path_factory):
         for name in ("slurmd", "slurmctld", "munged"):
             pid_file = root / f"{name}.pid"
             if pid_file.exists():
-                _stop(int(pid_file.read_text().strip()))
-
-
-def _stop(pid: int) -> None:
-    """SIGTERM a daemon and wait for it to exit, so that nothing outlives the tests."""
-    try:
-        os.kill(pid, 15)
-        for _ in range(30):
-            os.kill(pid, 0)
-            time.sleep(0.5)
-        os.kill(pid, 9)
-    except ProcessLookupError:
-        pass
+                stop_daemon(int(pid_file.read_text().strip()))
 
 
 def submit(env, workdir: Path, shards: Path, out: Path, *overrides: str) -> str:

@@ -380,9 +380,18 @@ class EngineConfig(Section):
     stage3_param_persistence_threshold); 0 partitions everything."""
     comms_logger: bool = False
     """Record every collective (DeepSpeed comms logger) and print a summary at the end."""
+    pipeline_stages: int = bounded(1, ge=1)
+    """Pipeline stages (DeepSpeed's pipeline engine); the ranks split into this many stages
+    times world_size / stages data-parallel replicas. 1: no pipeline."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(
+            self.pipeline_stages == 1
+            or (self.zero_stage <= 1 and not self.activation_checkpointing),
+            f"engine.pipeline_stages={self.pipeline_stages} needs engine.zero_stage 0 or 1"
+            f" (got {self.zero_stage}) and engine.activation_checkpointing=false",
+        )
         _check(
             not self.offload_params or self.zero_stage == 3,
             f"engine.offload_params needs engine.zero_stage=3 (got {self.zero_stage})",
@@ -503,6 +512,27 @@ class Config:
             f" model.max_position_embeddings ({self.model.max_position_embeddings})",
         )
         self._check_hidden_distillation()
+        self._check_pipeline()
+
+    def _check_pipeline(self) -> None:
+        m, stages = self.model, self.engine.pipeline_stages
+        # What a pipelined run cannot carry, and the setting that removes it.
+        fixes = {
+            "model.universal.enabled=false": m.universal.enabled,
+            "model.sharing.ratio=1.0": m.sharing.ratio < 1.0,
+            "model.sop_head=false": m.family == "albert" and m.sop_head,
+            "distill.teacher=''": bool(self.distill.teacher),
+        }
+        needed = [fix for fix, applies in fixes.items() if applies]
+        _check(
+            stages == 1 or not needed,
+            f"engine.pipeline_stages={stages} runs the MLM or causal LM objective of a purely"
+            f" shared stack (no ACT, deltas, SOP head or teacher); set {', '.join(needed)}",
+        )
+        _check(
+            stages <= m.num_layers,
+            f"engine.pipeline_stages ({stages}) must not exceed model.num_layers ({m.num_layers})",
+        )
 
     def _check_hidden_distillation(self) -> None:
         d, L = self.distill, self.model.num_layers

@@ -47,8 +47,23 @@ def precision_config(precision: str) -> dict[str, Any]:
     }
 
 
+def pipeline_config(engine: EngineConfig, world_size: int) -> dict[str, Any]:
+    """What a pipelined run changes: the batch counts data-parallel replicas, not ranks, and
+    the pipeline engine runs the micro-batches of a step itself (train_batch), so it owns
+    the accumulation boundary."""
+    if engine.pipeline_stages == 1:
+        return {}
+    replicas = world_size // engine.pipeline_stages
+    return {
+        "train_batch_size": engine.micro_batch_size * engine.grad_accum_steps * replicas,
+        "managed_gradient_accumulation": True,
+        "pipeline": {"activation_checkpoint_interval": 0, "seed_layers": False},
+    }
+
+
 def build_ds_config(engine: EngineConfig, optim: OptimConfig, world_size: int) -> dict[str, Any]:
-    """DeepSpeed config for `world_size` data-parallel ranks."""
+    """DeepSpeed config for `world_size` ranks: data-parallel, or pipeline stages times
+    data-parallel replicas."""
     return {
         "train_micro_batch_size_per_gpu": engine.micro_batch_size,
         "gradient_accumulation_steps": engine.grad_accum_steps,
@@ -66,4 +81,5 @@ def build_ds_config(engine: EngineConfig, optim: OptimConfig, world_size: int) -
         "steps_per_print": NEVER,
         "wall_clock_breakdown": False,
         "comms_logger": {"enabled": engine.comms_logger, "prof_all": True, "verbose": False},
+        **pipeline_config(engine, world_size),
     }

@@ -17,6 +17,7 @@ tag while keeping a broken one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,8 +25,10 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -161,6 +164,19 @@ def refused(path: str | Path, err: pickle.UnpicklingError) -> UserError:
         f"refusing to load {path}: it holds objects other than tensors and plain data"
         f" (it names {named.group(1)}); it was not written by this stack"
     )
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every torch.load inside goes through `safe_load`: DeepSpeed's converters and
+    loaders (zero_to_fp32, ds_to_universal, the universal loads of ZeRO's optimizers) call
+    torch.load themselves, with weights_only=False."""
+
+    def load(f, map_location=None, mmap=None, **_):
+        return safe_load(f, map_location, mmap)
+
+    with mock.patch.object(torch, "load", load):
+        yield
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):

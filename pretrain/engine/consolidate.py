@@ -3,31 +3,19 @@ without unpickling arbitrary objects.
 
 DeepSpeed's own zero_to_fp32 does the consolidation; every `torch.load` it makes goes
 through `checkpoint.safe_load` (`weights_only=True` and an allowlist of the few plain data
-classes DeepSpeed puts into its optimizer files), so a checkpoint folder cannot execute
-code when it is read. Reading a checkpoint for export (its config and tokenizer, checked
-against the weights) is export/checkpoint.py.
+classes DeepSpeed puts into its optimizer files, by `checkpoint.weights_only_loads`), so a
+checkpoint folder cannot execute code when it is read. Reading a checkpoint for export
+(its config and tokenizer, checked against the weights) is export/checkpoint.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
 
 import torch
 from deepspeed.utils import zero_to_fp32
 
-from pretrain.engine.checkpoint import safe_load
-
-
-@contextlib.contextmanager
-def weights_only_loads() -> Iterator[None]:
-    def load(f, map_location=None, mmap=None, **_):  # zero_to_fp32 asks weights_only=False
-        return safe_load(f, map_location, mmap)
-
-    with mock.patch.object(torch, "load", load):
-        yield
+from pretrain.engine.checkpoint import weights_only_loads
 
 
 def fp32_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:

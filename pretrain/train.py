@@ -226,7 +226,9 @@ class Trainer:
         schedule = checkpoint.check_resumable(
             state, self.cfg, self.train_data.tokenizer.info.checksum, self.world.size, where
         )
-        checkpoint.load(self.engine, self.ckpt_dir, tag, self.world.rank)
+        universal = self._reshard(state, tag, where)
+        saved_ranks = state["world_size"]
+        checkpoint.load(self.engine, self.ckpt_dir, tag, self.world.rank, saved_ranks, universal)
         self.step, self.consumed = state["step"], state["consumed_samples"]
         self.last_saved = self.step
         self._print(f"resumed from {where} at step {self.step} ({self.consumed} samples)")
@@ -236,6 +238,18 @@ class Trainer:
             self._print(f"LR schedule re-planned ({keys} changed): lr {lr:.3g} at step {self.step}")
         if self.step == self.cfg.train.max_steps:
             self._print(f"already at train.max_steps ({self.step}): nothing left to train")
+
+    def _reshard(self, state: dict, tag: str, where: str) -> bool:
+        """Whether checkpoint `tag` loads from its universal form: saved on another layout,
+        it is converted by rank 0 (once: later resumes reuse the conversion)."""
+        before = checkpoint.saved_layout(state)
+        now = checkpoint.layout(self.cfg, self.world.size)
+        if not checkpoint.needs_resharding(before, now):
+            return False
+        universal = self.ckpt_dir / tag / checkpoint.UNIVERSAL
+        self._print(f"resharding checkpoint from {before} to {now} through {universal}")
+        checkpoint.prepare_universal(self.ckpt_dir, tag, self.world.rank, where)
+        return True
 
     def save(self) -> None:
         if self.last_saved == self.step:

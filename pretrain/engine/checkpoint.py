@@ -8,6 +8,11 @@ Layout under <output_dir>/checkpoints/:
                          rng_rank{r}.pt per rank, and manifest.json (every other file's
                          size and SHA-256), written last
     latest               the tag of the newest checkpoint, moved after its manifest
+    step00000100/universal/
+                         the same checkpoint converted for another layout (rank count, ZeRO
+                         stage, precision) by DeepSpeed's universal checkpoint, with a
+                         manifest of its own; derived from the tag, so outside the tag's
+                         manifest and removed with it
 
 A tag whose manifest is missing or does not match its files is not a checkpoint: a save
 cut short, a truncated or corrupted file, a file added or removed. Resume and export take
@@ -17,8 +22,10 @@ tag while keeping a broken one.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -26,23 +33,35 @@ import random
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import deepspeed
 import torch
+from deepspeed.checkpoint import ds_to_universal
+from deepspeed.checkpoint.constants import (
+    DS_VERSION,
+    FP32_FLAT_GROUPS,
+    OPTIMIZER_STATE_DICT,
+    PARAM,
+    PARAM_GROUPS,
+    PARAM_SHAPES,
+)
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from pretrain.config import Config, ConfigError, to_dict
-from pretrain.engine.runtime import barrier
+from pretrain.engine.runtime import barrier, broadcast_object
 from pretrain.errors import UserError
 
 LATEST = "latest"
 RUN_STATE = "run_state.json"
 MANIFEST = "manifest.json"
+UNIVERSAL = "universal"  # <tag>/universal: the tag in DeepSpeed's universal format
 _TAG = re.compile(r"^step(\d{8})$")
 
 
@@ -59,9 +78,10 @@ def _sha256(path: Path) -> str:
 
 
 def _files(tag_dir: Path) -> set[str]:
-    return {p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*") if p.is_file()} - {
-        MANIFEST
-    }
+    """Every file a manifest lists: all but the manifest and the tag's universal form (which
+    a later run derives from the tag, with a manifest of its own)."""
+    names = {p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*") if p.is_file()}
+    return {n for n in names if n != MANIFEST and not n.startswith(f"{UNIVERSAL}/")}
 
 
 def write_manifest(tag_dir: Path) -> None:
@@ -208,7 +228,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per device of the saving node: this node may have fewer
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 def _prune(directory: Path, keep_last: int) -> None:
@@ -282,8 +303,9 @@ def schedule_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object
 def check_resumable(
     saved: dict, cfg: Config, tokenizer_checksum: str, world: int, where: str
 ) -> list[tuple[str, object, object]]:
-    """A checkpoint continues only the same model on the same tokenizer and engine layout,
-    and its LR schedule unless asked to re-plan it. Returns the schedule changes allowed."""
+    """A checkpoint continues only the same model on the same tokenizer, and its LR
+    schedule unless asked to re-plan it; on another layout (ranks, ZeRO stage, precision)
+    only where DeepSpeed can reshard it. Returns the schedule changes allowed."""
     now = _flatten(to_dict(cfg.model), "model.")
     before = _flatten(saved["config"]["model"], "model.")
     changed = [k for k in sorted(now) if before.get(k) != now[k]]
@@ -312,24 +334,255 @@ def check_resumable(
             f" {key}={before!r}; pass --train.replan_schedule=true to re-plan the LR from"
             f" step {step} with the new settings, or restore {key}"
         )
-    stage = saved["config"]["engine"]["zero_stage"]
-    if (saved["world_size"], stage) != (world, cfg.engine.zero_stage):
-        raise ResumeError(
-            f"cannot resume from {where}: it was saved by {saved['world_size']} ranks with ZeRO"
-            f" stage {stage}, this run has {world} with stage {cfg.engine.zero_stage};"
-            " resume with the same number of ranks and engine.zero_stage"
-        )
+    check_reshardable(saved_layout(saved), layout(cfg, world), where)
     return schedule
 
 
-def load(engine, directory: str | Path, tag: str, rank: int) -> None:
-    """Load model, optimizer, scheduler and this rank's RNG state into `engine`."""
-    directory = Path(directory)
+def load(
+    engine, directory: str | Path, tag: str, rank: int, saved_ranks: int, universal: bool = False
+) -> None:
+    """Load model, optimizer, scheduler and this rank's RNG state into `engine`: from the
+    tag as saved, or from its universal form (`prepare_universal`) on another layout."""
+    tag_dir = Path(directory) / tag
     if not isinstance(engine.checkpoint_engine, SafeCheckpointEngine):
         engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
-    engine.load_checkpoint(
-        str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    rng = directory / tag / f"rng_rank{rank}.pt"
+    if universal:
+        _load_universal(engine, tag_dir)
+    else:
+        engine.load_checkpoint(
+            str(tag_dir.parent), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    # A rank the checkpoint had gets its own state back. A rank beyond the saved count gets
+    # a seed-derived state, rank 0's: every rank seeds torch with train.seed and draws alike
+    # at each step, so that is the state it would hold in a straight run on this layout.
+    rng = tag_dir / f"rng_rank{rank if rank < saved_ranks else 0}.pt"
     if rng.is_file():
         _set_rng_state(safe_load(rng))
+
+
+# -- resharding: a checkpoint resumed on another layout ----------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run holds its states: data-parallel ranks, ZeRO stage and precision."""
+
+    ranks: int
+    zero_stage: int
+    precision: str
+
+    def __str__(self) -> str:
+        ranks = f"{self.ranks} rank{'s' if self.ranks > 1 else ''}"
+        return f"{ranks} ZeRO-{self.zero_stage} {self.precision}"
+
+
+def layout(cfg: Config, ranks: int) -> Layout:
+    """The layout of a run of `cfg` on `ranks` ranks."""
+    return Layout(ranks, cfg.engine.zero_stage, cfg.engine.precision)
+
+
+def saved_layout(saved: dict) -> Layout:
+    """The layout of the run that saved `saved` (its run state)."""
+    engine = saved["config"]["engine"]
+    return Layout(saved["world_size"], engine["zero_stage"], engine["precision"])
+
+
+def needs_resharding(before: Layout, now: Layout) -> bool:
+    """Another layout loads from the universal form, except between ZeRO-0 runs: ZeRO-0
+    keeps whole states on every rank, which any rank count loads as saved."""
+    return before != now and not before.zero_stage == now.zero_stage == 0
+
+
+def check_reshardable(before: Layout, now: Layout, where: str) -> None:
+    """A layout the universal form cannot carry `before` over to is one line."""
+    if refused := _not_reshardable(before, now):
+        reason, fix = refused
+        raise ResumeError(
+            f"cannot resume from {where} (saved by {before}) with {now}: {reason};"
+            f" resume with {fix}"
+        )
+
+
+def _not_reshardable(before: Layout, now: Layout) -> tuple[str, str] | None:
+    """(why, the fix) where DeepSpeed cannot convert: it converts the partitioned states
+    of ZeRO stages 1-3 (their fp32 master weights into another precision too), but neither
+    reads nor writes ZeRO-0's whole states; fp16's loss scale has no counterpart in the
+    other precisions."""
+    stages = {before.zero_stage, now.zero_stage}
+    if 0 in stages and len(stages) > 1:
+        fix = "engine.zero_stage=0" if before.zero_stage == 0 else "engine.zero_stage 1-3"
+        return "DeepSpeed reshards only between ZeRO stages 1-3", fix
+    if before.precision == now.precision:
+        return None
+    fix = f"engine.precision={before.precision}"
+    if 0 in stages:
+        return "DeepSpeed converts a precision only at ZeRO stages 1-3", fix
+    if "fp16" in (before.precision, now.precision):
+        return "fp16's dynamic loss scale does not carry over to another precision", fix
+    return None
+
+
+_PARTIAL = ".universal.partial"  # under checkpoints/, while rank 0 converts
+_SOURCE = "source.json"  # in the universal form: the SHA-256 of the tag's manifest
+_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+_OPTIMIZER_STATE = Path("zero") / "optimizer_state.pt"
+
+
+def prepare_universal(directory: str | Path, tag: str, rank: int, where: str) -> None:
+    """Collective: rank 0 converts checkpoint `tag` into `<tag>/universal`, unless an
+    earlier resume did, while the others wait; a failure is the same error on every rank."""
+    problem = None
+    if rank == 0:
+        try:
+            _convert_once(Path(directory) / tag)
+        except UserError as err:
+            problem = str(err)
+        except Exception as err:  # DeepSpeed's converter: one line for every rank, not a hang
+            first = (str(err).strip().splitlines() or [""])[0]
+            before = saved_layout(read_run_state(directory, tag))
+            problem = (
+                f"cannot reshard {where}: DeepSpeed's universal conversion failed"
+                f" ({type(err).__name__}: {first}); resume on {before}, as it was saved"
+            )
+    problem = broadcast_object(problem)
+    if problem is not None:
+        raise ResumeError(problem)
+
+
+def _convert_once(tag_dir: Path) -> bool:
+    """Convert `tag_dir` unless a whole conversion of it is there; True when it was. Written
+    under another name and renamed when complete, so a killed conversion is never used."""
+    target = tag_dir / UNIVERSAL
+    source = {"manifest_sha256": _sha256(tag_dir / MANIFEST)}
+    if verify(target) is None and json.loads((target / _SOURCE).read_text()) == source:
+        return True
+    # The converter reads every file under the tag: no earlier attempt may lie inside it.
+    shutil.rmtree(target, ignore_errors=True)
+    partial = tag_dir.parent / _PARTIAL
+    shutil.rmtree(partial, ignore_errors=True)  # what a killed conversion left
+    try:
+        out = partial / UNIVERSAL
+        _ds_to_universal(tag_dir, out)
+        _complete_for_every_stage(out)
+        (out / _SOURCE).write_text(json.dumps(source) + "\n")
+        write_manifest(out)
+        os.replace(out, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return False
+
+
+def _ds_to_universal(tag_dir: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal, in this process (so that its loads are weights-only)
+    and quiet (its progress bars and step list)."""
+    args = argparse.Namespace(
+        input_folder=str(tag_dir),
+        output_folder=str(out),
+        num_extract_workers=1,  # no worker processes: they would load without the patch
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our model declares no tensor-parallel slices
+    )
+    quiet = io.StringIO()
+    with weights_only_loads(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        ds_to_universal.main(args)
+
+
+def _complete_for_every_stage(out: Path) -> None:
+    """ds_to_universal writes what the saved stage's family of loaders reads, and DeepSpeed
+    0.19.8's ZeRO-1/2 and ZeRO-3 universal loaders read different things. Add the other's,
+    so one conversion loads at any stage 1-3."""
+    _link_model_states(out)
+    state = safe_load(out / _OPTIMIZER_STATE)
+    zero3 = OPTIMIZER_STATE_DICT in state  # the conversion of a ZeRO-3 save
+    step = _optimizer_step(out, state)
+    _write_optimizer_state(out, state, step)
+    if zero3:
+        _shape_zero3_states(out, step)
+
+
+def _link_model_states(out: Path) -> None:
+    """Each loader reads the model-states file (LR scheduler, step counts) under its own
+    stage's name."""
+    present = next(out / name for name in _MODEL_STATES if (out / name).is_file())
+    for name in _MODEL_STATES:
+        if not (out / name).exists():
+            try:
+                os.link(present, out / name)  # the same bytes: no second copy on disk
+            except OSError:  # a file system without hard links
+                shutil.copyfile(present, out / name)
+
+
+def _write_optimizer_state(out: Path, state: dict, step: Any) -> None:
+    """ZeRO-3's loader reads the step and group settings from an optimizer state dict (a
+    ZeRO-3 save holds rank 0's flat partitions there too, which nothing needs); ZeRO-1/2
+    require ds_version."""
+    state[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, PARAM_GROUPS: state[PARAM_GROUPS]}
+    state.pop(FP32_FLAT_GROUPS, None)
+    state.setdefault(DS_VERSION, deepspeed.__version__)
+    torch.save(state, out / _OPTIMIZER_STATE)
+
+
+def _shape_zero3_states(out: Path, step: Any) -> None:
+    """A ZeRO-3 conversion leaves each state a flat tensor, without the step; ZeRO-1/2 read
+    {param: tensor of the parameter's shape} and the step beside it."""
+    shapes: dict[str, torch.Size] = {}
+    for group in safe_load(out / _MODEL_STATES[1])[PARAM_SHAPES]:
+        shapes |= group
+    for name, shape in shapes.items():
+        folder = out / "zero" / name
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            flat = safe_load(folder / f"{key}.pt")
+            torch.save({PARAM: flat.view(shape)}, folder / f"{key}.pt")
+        torch.save(step, folder / "step.pt")
+
+
+def _optimizer_step(out: Path, state: dict) -> Any:
+    """The optimizer's step count: ZeRO-3 saves it in its optimizer state dict, ZeRO-1/2
+    beside each parameter's moments (one count for all)."""
+    if OPTIMIZER_STATE_DICT in state:
+        return state[OPTIMIZER_STATE_DICT]["state"][0]["step"]
+    return safe_load(next((out / "zero").glob("*/step.pt")))
+
+
+def _load_universal(engine, tag_dir: Path) -> None:
+    config = engine._config
+    # DeepSpeed reads load_universal only in load_checkpoint: set for this load alone, the
+    # run's DeepSpeed config stays as built.
+    config.load_universal_checkpoint = True
+    try:
+        with weights_only_loads():
+            engine.load_checkpoint(
+                str(tag_dir),
+                tag=UNIVERSAL,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+    finally:
+        config.load_universal_checkpoint = False
+    groups = safe_load(tag_dir / UNIVERSAL / _OPTIMIZER_STATE)[PARAM_GROUPS]
+    optimizer = engine.optimizer.optimizer  # the torch optimizer under ZeRO's
+    _restore_group_settings(optimizer, groups)
+    _own_steps(optimizer)
+
+
+def _restore_group_settings(optimizer: torch.optim.Optimizer, saved: list[dict]) -> None:
+    """ZeRO-3's universal load gives every parameter group the first group's settings (our
+    undecayed group would get weight decay); each group gets its own back, as a same-layout
+    load does."""
+    for group, before in zip(optimizer.param_groups, saved, strict=True):
+        group.update({k: v for k, v in before.items() if k != "params"})
+
+
+def _own_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's state a step count of its own. ZeRO-3's universal load hands
+    every group the same tensor, which torch's Adam increments in place once per group (the
+    second group's bias correction would count two steps per step). The counts load on the
+    CPU; fused and capturable optimizers keep them on the parameter's device, where torch's
+    own load_state_dict puts them."""
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    for param, state in optimizer.state.items():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            state["step"] = step.to(param.device if on_device else step.device).clone()

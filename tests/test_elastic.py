@@ -109,10 +109,11 @@ def check(before: dict, now: dict) -> None:
     """check_resumable of a 2-rank checkpoint with engine settings `before` on 1 rank with
     engine settings `now`."""
     config = REPO / "configs" / "tiny-albert.yaml"
-    engine = [[f"--engine.{k}={v}" for k, v in d.items()] for d in (before, now)]
-    saved = load_config(config, [*BASE, *engine[0]]).to_dict()
+    saved = load_config(config, BASE).to_dict()
+    saved["engine"] |= before
     state = {"config": saved, "tokenizer_checksum": "t", "step": 3, "world_size": 2}
-    checkpoint.check_resumable(state, load_config(config, [*BASE, *engine[1]]), "t", 1, "c")
+    cfg = load_config(config, [*BASE, *(f"--engine.{k}={v}" for k, v in now.items())])
+    checkpoint.check_resumable(state, cfg, "t", 1, "c")
 
 
 def test_layouts_the_universal_form_cannot_reach_are_one_line_each():
@@ -123,6 +124,7 @@ def test_layouts_the_universal_form_cannot_reach_are_one_line_each():
         ({"zero_stage": 0}, {"zero_stage": 2}, "resume with engine.zero_stage=0"),
         ({"zero_stage": 0, "precision": "bf16"}, {"zero_stage": 0}, "engine.precision=bf16"),
         ({"precision": "fp16"}, {"precision": "bf16"}, "fp16's dynamic loss scale"),
+        ({"zero_stage": 1, "pipeline_stages": 2}, {"zero_stage": 1}, "2 pipeline stages"),
     ]
     for before, now, fix in refused:
         with pytest.raises(ResumeError, match=r"^cannot resume from c ") as err:

@@ -365,26 +365,30 @@ def load(
 
 @dataclass(frozen=True)
 class Layout:
-    """How a run holds its states: data-parallel ranks, ZeRO stage and precision."""
+    """How a run holds its states: ranks, ZeRO stage, precision and pipeline stages."""
 
     ranks: int
     zero_stage: int
     precision: str
+    pipeline_stages: int = 1
 
     def __str__(self) -> str:
         ranks = f"{self.ranks} rank{'s' if self.ranks > 1 else ''}"
-        return f"{ranks} ZeRO-{self.zero_stage} {self.precision}"
+        pipeline = f", {self.pipeline_stages} pipeline stages" if self.pipeline_stages > 1 else ""
+        return f"{ranks} ZeRO-{self.zero_stage} {self.precision}{pipeline}"
 
 
 def layout(cfg: Config, ranks: int) -> Layout:
     """The layout of a run of `cfg` on `ranks` ranks."""
-    return Layout(ranks, cfg.engine.zero_stage, cfg.engine.precision)
+    engine = cfg.engine
+    return Layout(ranks, engine.zero_stage, engine.precision, engine.pipeline_stages)
 
 
 def saved_layout(saved: dict) -> Layout:
     """The layout of the run that saved `saved` (its run state)."""
     engine = saved["config"]["engine"]
-    return Layout(saved["world_size"], engine["zero_stage"], engine["precision"])
+    stages = engine.get("pipeline_stages", 1)  # saved before pipelines existed
+    return Layout(saved["world_size"], engine["zero_stage"], engine["precision"], stages)
 
 
 def needs_resharding(before: Layout, now: Layout) -> bool:
@@ -407,7 +411,9 @@ def _not_reshardable(before: Layout, now: Layout) -> tuple[str, str] | None:
     """(why, the fix) where DeepSpeed cannot convert: it converts the partitioned states
     of ZeRO stages 1-3 (their fp32 master weights into another precision too), but neither
     reads nor writes ZeRO-0's whole states; fp16's loss scale has no counterpart in the
-    other precisions."""
+    other precisions; a pipeline's per-layer files are not resharded here."""
+    if before != now and max(before.pipeline_stages, now.pipeline_stages) > 1:
+        return "a pipelined checkpoint continues only on its own layout", f"{before}"
     stages = {before.zero_stage, now.zero_stage}
     if 0 in stages and len(stages) > 1:
         fix = "engine.zero_stage=0" if before.zero_stage == 0 else "engine.zero_stage 1-3"

@@ -25,7 +25,7 @@ import torch
 
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.data.loader import PretrainDataset, make_loader
-from pretrain.engine import checkpoint, runtime
+from pretrain.engine import checkpoint, pipeline, runtime
 from pretrain.errors import UserError, print_error
 from pretrain.export import native
 from pretrain.export.teacher import TeacherSource, describe_teacher, load_teacher
@@ -94,7 +94,10 @@ class Trainer:
         model.encoder.checkpoint_layers = cfg.engine.activation_checkpointing
         if cfg.train.compile:
             model.encoder.compile_blocks()
-        self.engine = runtime.initialize(model, cfg, self.world)
+        self.pipelined = cfg.engine.pipeline_stages > 1
+        self.label_key = pipeline.label_key(model)
+        module = pipeline.SharedPipeline(model, cfg) if self.pipelined else model
+        self.engine = runtime.initialize(module, cfg, self.world)
         self.step, self.consumed, self.last_saved = 0, 0, -1
         self.skipped_in_row = 0
         self._resume()
@@ -295,12 +298,48 @@ class Trainer:
     def train_step(self, loader: Iterator) -> StepMetrics:
         """One optimizer step over grad_accum_steps micro-batches (none when every one was
         skipped)."""
+        if self.pipelined:
+            return self.pipeline_step(loader)
         step = StepMetrics()
         for _ in range(self.cfg.engine.grad_accum_steps):
             step.add(self.micro_step(next(loader)))
         if step.done:
             self.engine.step()  # the accumulation boundary: reduce, clip, update
         return step
+
+    def _pipeline_batch(self, batch: dict[str, torch.Tensor]) -> tuple:
+        batch = {k: v.to(self.world.device) for k, v in batch.items()}
+        return pipeline.pipeline_batch(batch, self.label_key)
+
+    def pipeline_step(self, loader: Iterator) -> StepMetrics:
+        """One optimizer step of the pipeline engine, which runs the grad_accum_steps
+        micro-batches itself (its first and last stage take them). Its loss,
+        averaged over micro-batches and replicas and sent to every stage, is the step's one
+        metric. The engine cannot leave a micro-batch out: a non-finite loss stops the run
+        before anything is saved."""
+        e = self.cfg.engine
+        # Read here, on every stage (the middle ones discard theirs): the engine keeps the
+        # iterator it is given, and one holding the loader would keep the loader's workers
+        # alive past the run, the process then waiting on them at exit.
+        micro = [self._pipeline_batch(next(loader)) for _ in range(e.grad_accum_steps)]
+        loss = self.engine.train_batch(iter(micro))
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1}; stopped with the last checkpoint"
+                f" intact (with engine.pipeline_stages={e.pipeline_stages} no micro-batch"
+                " can be skipped)"
+            )
+        step = StepMetrics()
+        for _ in range(e.grad_accum_steps):  # every micro-batch ran: none counts as skipped
+            step.add({"loss": loss.detach()})
+        return step
+
+    def replica(self) -> tuple[int, int]:
+        """This rank's data-parallel replica and the number of replicas: the loaders shard
+        by replica, the stages of one pipeline reading the same micro-batches."""
+        if self.pipelined:
+            return self.engine.grid.data_parallel_id, self.engine.grid.data_parallel_size
+        return self.world.rank, self.world.size
 
     def reduce(self, step: StepMetrics) -> dict[str, float]:
         """A step's metrics averaged over micro-batches and ranks (one all-reduce; every
@@ -313,19 +352,24 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean metrics over the same train.eval_steps held-out batches every time."""
         e = self.cfg.engine
-        loader = iter(
-            make_loader(self.eval_data, 0, e.micro_batch_size, self.world.rank, self.world.size)
-        )
+        loader = iter(make_loader(self.eval_data, 0, e.micro_batch_size, *self.replica()))
         self.engine.eval()
         sums: dict[str, float] = {}
         for _ in range(self.cfg.train.eval_steps):
-            batch = {k: v.to(self.world.device) for k, v in next(loader).items()}
-            _, metrics = self._loss(batch)
+            metrics = self._eval_metrics(next(loader))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         self.engine.train()
         means = {f"eval_{k}": v / self.cfg.train.eval_steps for k, v in sums.items()}
         return runtime.mean_across_ranks(means, self.world.device)
+
+    def _eval_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One held-out micro-batch's metrics; the pipeline engine reports the loss only."""
+        if self.pipelined:
+            micro = iter([self._pipeline_batch(batch)])
+            return {"loss": self.engine.eval_batch(micro, num_micro_batches=1)}
+        _, metrics = self._loss({k: v.to(self.world.device) for k, v in batch.items()})
+        return metrics
 
     def _step_metrics(self, metrics: dict[str, float], samples: int, seconds: float) -> dict:
         tokens = samples * self.cfg.data.seq_length
@@ -345,14 +389,15 @@ class Trainer:
 
     def run(self) -> int:
         cfg, e = self.cfg, self.cfg.engine
-        per_step = e.micro_batch_size * e.grad_accum_steps * self.world.size
+        replica, replicas = self.replica()
+        per_step = e.micro_batch_size * e.grad_accum_steps * replicas
         loader = iter(
             make_loader(
                 self.train_data,
                 self.consumed,
                 e.micro_batch_size,
-                self.world.rank,
-                self.world.size,
+                replica,
+                replicas,
                 cfg.data.num_workers,
             )
         )

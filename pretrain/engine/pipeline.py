@@ -18,18 +18,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from deepspeed.runtime.utils import partition_balanced
 from torch import nn
 
-from pretrain.config import Config
+from pretrain.config import Config, ModelConfig
+from pretrain.engine.checkpoint import safe_load
 from pretrain.model import ModelOutput, SharedTransformer
 from pretrain.model.accounting import count
 from pretrain.model.blocks import LayerContext
 from pretrain.objectives import compute_loss
 from pretrain.objectives.mlm import predict_mask
+from pretrain.sharing import SharingPlan
 from pretrain.summary import predicted_fraction
 
 Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -218,3 +221,30 @@ def pipeline_batch(batch: dict[str, torch.Tensor], key: str) -> tuple[tuple, tor
     mask_BT = torch.ones_like(ids_BT) if mask_BT is None else mask_BT
     types_BT = torch.zeros_like(ids_BT) if types_BT is None else types_BT
     return (ids_BT, mask_BT, types_BT, batch[key]), batch[key]
+
+
+def _layer_names(cfg: ModelConfig) -> dict[int, tuple[str, str]]:
+    """Layer-list index -> (prefix in its checkpoint file, prefix in the model's state
+    dict) for every entry that saves one: a set's file appears once per layer using it,
+    the tied table's second entry and the head's copy of it not at all."""
+    plan, L = SharingPlan.from_config(cfg), cfg.num_layers
+    names = {0: ("", ""), 2 * L + 2: ("", "")}  # EmbedPipe and HeadPipe keep the model's names
+    for i in range(L):
+        for entry, component in enumerate(("attention", "ffn"), start=2 * i + 1):
+            set_ = plan.table(component)[i]
+            names[entry] = ("sublayer.", f"encoder.{component}.{set_}.")
+    return names
+
+
+def pipeline_state_dict(tag_dir: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
+    """The model's state dict from a pipelined checkpoint's layer_XX-model_states.pt files,
+    in fp32 (the weights as the stages held them: exact for an fp32 run); None for a
+    checkpoint without them."""
+    tag_dir = Path(tag_dir)
+    if not any(tag_dir.glob("layer_*-model_states.pt")):
+        return None
+    state: dict[str, torch.Tensor] = {}
+    for index, (theirs, ours) in _layer_names(cfg).items():
+        for key, tensor in safe_load(tag_dir / f"layer_{index:02d}-model_states.pt").items():
+            state[ours + key.removeprefix(theirs)] = tensor.float()
+    return state

@@ -89,6 +89,7 @@ def read_checkpoint(
     """Consolidated fp32 weights, model config and tokenizer of a training checkpoint."""
     from pretrain.engine.checkpoint import check_tag, read_run_state
     from pretrain.engine.consolidate import fp32_state_dict
+    from pretrain.engine.pipeline import pipeline_state_dict
 
     folder = checkpoint_folder(path)
     if tag is None:
@@ -99,7 +100,9 @@ def read_checkpoint(
     run_state = read_run_state(folder, tag)
     cfg = from_dict(ModelConfig, run_state["config"]["model"], "model")
     tokenizer_dir = _tokenizer_for(run_state, tokenizer, where)
-    state = model_weights(fp32_state_dict(folder, tag))
+    # A pipelined run saved each stage's layers in files of their own.
+    state = pipeline_state_dict(folder / tag, cfg) or fp32_state_dict(folder, tag)
+    state = model_weights(state)
     check_state(state, SharedTransformer(cfg), where)
     return TrainedModel(state, cfg, tokenizer_dir, where)
 

@@ -5,13 +5,14 @@ parameters."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
 import pytest
 from helpers import REPO, env, free_port, losses, run_process, tiny_config, train
 
-from pretrain.config import Config, DataConfig, EngineConfig
+from pretrain.config import Config, ConfigError, DataConfig, EngineConfig
 
 # all-shared, cycle and unshared plans on 2 stages; llama's causal LM head also reads the
 # factorized projection, so its tie covers two embedding tensors.
@@ -45,6 +46,27 @@ def test_stages_are_balanced_by_flops_not_by_layer_count():
     assert layer_stages("albert", 2, num_layers=8, vocab_size=20000) == [0] * 6 + [1] * 2
     assert layer_stages("llama", 2, num_layers=8, vocab_size=20000) == [0] * 8
     assert layer_stages("llama", 4, num_layers=8, vocab_size=20000) == [0, 0, 1, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("engine", "model", "message"),
+    [
+        ({"zero_stage": 2}, {}, "needs engine.zero_stage 0 or 1 (got 2)"),
+        ({"activation_checkpointing": True}, {}, "engine.activation_checkpointing=false"),
+        ({}, {"sop_head": True}, "set model.sop_head=false"),
+        ({}, {"sharing": {"strategy": "all", "ratio": 0.5}}, "set model.sharing.ratio=1.0"),
+        ({"pipeline_stages": 8}, {}, "must not exceed model.num_layers (4)"),
+    ],
+)
+def test_the_config_refuses_what_the_pipeline_does_not_carry(engine, model, message):
+    engine = {"pipeline_stages": 2, "zero_stage": 1, **engine}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config(
+            model=tiny_config("albert", **{"sop_head": False, **model}),
+            data=DataConfig(seq_length=32),
+            engine=EngineConfig(**engine),
+        )
 
 
 def run_pipe_check(ranks: int) -> list[dict]:

@@ -10,6 +10,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 from helpers import REPO, env, free_port, losses, run_process, tiny_config, train
 
 from pretrain.config import Config, ConfigError, DataConfig, EngineConfig
@@ -112,6 +113,7 @@ def test_trainer_pipeline_run_resumes_and_exports_like_data_parallel(shards_dir,
     """Through launch/pretrain.sh on 2 ranks: 2 stages with 2 micro-batches per step log
     the per-step losses of 2 data-parallel ranks with 1; resumed from the step-2 checkpoint,
     steps 3 and 4 again; the exported fp32 weights equal the data-parallel run's."""
+    from pretrain.engine.pipeline import layer_state_dict
     from pretrain.export.checkpoint import read_checkpoint
 
     dp, pp, resumed = tmp_path / "dp", tmp_path / "pp", tmp_path / "resumed"
@@ -131,3 +133,8 @@ def test_trainer_pipeline_run_resumes_and_exports_like_data_parallel(shards_dir,
     assert sorted(weights["pp"]) == sorted(weights["dp"])
     for name, tensor in weights["dp"].items():
         assert (weights["pp"][name] - tensor).abs().max() <= 1e-5, name
+    # Exported from the optimizer's fp32 masters (ZeRO-1); in fp32 the stages' own layer
+    # files (what a ZeRO-0 export reads) hold the same values.
+    trained = read_checkpoint(pp)
+    held = layer_state_dict(pp / "checkpoints" / "step00000004", trained.cfg)
+    assert all(torch.equal(held[name], tensor) for name, tensor in trained.state.items())

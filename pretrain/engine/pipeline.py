@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from deepspeed.runtime.utils import partition_balanced
+from deepspeed.utils import zero_to_fp32
 from torch import nn
 
 from pretrain.config import Config, ModelConfig
-from pretrain.engine.checkpoint import safe_load
+from pretrain.engine.checkpoint import safe_load, weights_only_loads
 from pretrain.model import ModelOutput, SharedTransformer
 from pretrain.model.accounting import count
 from pretrain.model.blocks import LayerContext
@@ -223,6 +224,63 @@ def pipeline_batch(batch: dict[str, torch.Tensor], key: str) -> tuple[tuple, tor
     return (ids_BT, mask_BT, types_BT, batch[key]), batch[key]
 
 
+def _model_name(name: str) -> str:
+    """A pipeline module's parameter name as the model's: `tied_modules.attention_3.sublayer.X`
+    is `encoder.attention.3.X`, `tied_modules.embeddings.embeddings.X` is `embeddings.X`,
+    and the head's `<entry>.X` is `X`."""
+    first, _, rest = name.partition(".")
+    if first != "tied_modules":
+        return rest
+    key, _, rest = rest.partition(".")
+    if key == EMBEDDINGS:
+        return rest
+    component, index = key.rsplit("_", 1)
+    return f"encoder.{component}.{index}.{rest.removeprefix('sublayer.')}"
+
+
+def _stage_masters(tag_dir: Path, stage: int) -> dict[str, torch.Tensor]:
+    """One stage's fp32 master weights, under the pipeline module's names, from its ZeRO
+    (or bf16) optimizer files: DeepSpeed's own consolidation, run on the stage's files."""
+    model_file = tag_dir / f"mp_rank_{stage:02d}_model_states.pt"
+    optim_files = sorted(
+        tag_dir.glob(f"*zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"),
+        key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]),
+    )
+    states = safe_load(model_file)
+    # The stage's module state is in its layer files, not here (None): the buffers the
+    # consolidation would take from it are none of ours (RoPE tables and the ACT signal
+    # are not persistent).
+    models = [
+        zero_to_fp32.zero_model_state(
+            buffers={},
+            param_shapes=states["param_shapes"],
+            shared_params=list(states["shared_params"].items()),
+            ds_version=states.get("ds_version"),
+            frozen_param_shapes=states.get("frozen_param_shapes"),
+            frozen_param_fragments=states.get("frozen_param_fragments"),
+        )
+    ]
+    _, replicas, flat_groups, paddings = zero_to_fp32.parse_optim_states(
+        [str(f) for f in optim_files], str(tag_dir)
+    )
+    return zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
+        replicas, flat_groups, models, False, paddings
+    )
+
+
+def _masters(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The model's fp32 master weights from every stage's optimizer files. A set held by
+    several stages is the same on each; the embeddings are taken from the first stage,
+    the only one that trains all of them (the last reads only the tied table)."""
+    stages = len(list(tag_dir.glob("mp_rank_*_model_states.pt")))
+    state: dict[str, torch.Tensor] = {}
+    with weights_only_loads():
+        for stage in range(stages):
+            for name, tensor in _stage_masters(tag_dir, stage).items():
+                state.setdefault(_model_name(name), tensor.float().contiguous())
+    return state
+
+
 def _layer_names(cfg: ModelConfig) -> dict[int, tuple[str, str]]:
     """Layer-list index -> (prefix in its checkpoint file, prefix in the model's state
     dict) for every entry that saves one: a set's file appears once per layer using it,
@@ -236,15 +294,23 @@ def _layer_names(cfg: ModelConfig) -> dict[int, tuple[str, str]]:
     return names
 
 
+def layer_state_dict(tag_dir: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's state dict as the stages held it, from a pipelined checkpoint's
+    layer_XX-model_states.pt files (in the run's precision, returned in fp32)."""
+    state: dict[str, torch.Tensor] = {}
+    for index, (theirs, ours) in _layer_names(cfg).items():
+        for key, tensor in safe_load(Path(tag_dir) / f"layer_{index:02d}-model_states.pt").items():
+            state[ours + key.removeprefix(theirs)] = tensor.float()
+    return state
+
+
 def pipeline_state_dict(tag_dir: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
-    """The model's state dict from a pipelined checkpoint's layer_XX-model_states.pt files,
-    in fp32 (the weights as the stages held them: exact for an fp32 run); None for a
-    checkpoint without them."""
+    """The model's fp32 state dict from a pipelined checkpoint (None for another kind): the
+    optimizer's fp32 master weights under ZeRO-1 or bf16/fp16, else (ZeRO-0 in fp32, whose
+    weights are the masters) the layer files."""
     tag_dir = Path(tag_dir)
     if not any(tag_dir.glob("layer_*-model_states.pt")):
         return None
-    state: dict[str, torch.Tensor] = {}
-    for index, (theirs, ours) in _layer_names(cfg).items():
-        for key, tensor in safe_load(tag_dir / f"layer_{index:02d}-model_states.pt").items():
-            state[ours + key.removeprefix(theirs)] = tensor.float()
-    return state
+    if any(tag_dir.glob("*_optim_states.pt")):
+        return _masters(tag_dir)
+    return layer_state_dict(tag_dir, cfg)

@@ -39,21 +39,23 @@ HEAD_READS = {"albert": {"tokens.weight"}, "llama": {"tokens.weight", "project.w
 
 
 def global_batch(family: str, step: int, size: int) -> list[dict[str, torch.Tensor]]:
-    """`size` chunks of B samples, the same on every rank; the last row of each is padded."""
+    """`size` chunks of B samples, the same on every rank. ALBERT's pad the last row of each
+    chunk; llama's causal windows have no padding and no attention mask."""
     g = torch.Generator().manual_seed(1000 + step)
     ids_NT = torch.randint(5, 97, (size * B, T), generator=g)
     mask_NT = torch.ones_like(ids_NT)
     mask_NT[B - 1 :: B, T - 3 :] = 0
-    if family == "llama":
+    if family == "llama":  # packed windows: no padding, so no mask (attention unmasked)
         labels_NT = torch.cat([ids_NT[:, 1:], torch.full_like(ids_NT[:, :1], IGNORE_INDEX)], 1)
-        labels_NT[mask_NT == 0] = IGNORE_INDEX
-        fields = {"labels": labels_NT}
-    else:
-        picked_NT = (torch.rand(ids_NT.shape, generator=g) < 0.3) & (mask_NT == 1)
-        picked_NT[:, 0] = True  # every row predicts at least one token
-        fields = {"mlm_labels": torch.where(picked_NT, ids_NT, IGNORE_INDEX)}
-        ids_NT = torch.where(picked_NT, 4, ids_NT)
-    whole = {"input_ids": ids_NT, "attention_mask": mask_NT, **fields}
+        return [
+            {"input_ids": ids, "labels": labels}
+            for ids, labels in zip(ids_NT.split(B), labels_NT.split(B), strict=True)
+        ]
+    picked_NT = (torch.rand(ids_NT.shape, generator=g) < 0.3) & (mask_NT == 1)
+    picked_NT[:, 0] = True  # every row predicts at least one token
+    labels_NT = torch.where(picked_NT, ids_NT, IGNORE_INDEX)
+    ids_NT = torch.where(picked_NT, 4, ids_NT)
+    whole = {"input_ids": ids_NT, "attention_mask": mask_NT, "mlm_labels": labels_NT}
     return [{k: v[c * B : (c + 1) * B] for k, v in whole.items()} for c in range(size)]
 
 

@@ -52,11 +52,16 @@ class _Contexts:
         self.key: tuple[torch.Tensor, torch.dtype] | None = None
         self.ctx: LayerContext | None = None
 
-    def __call__(self, mask_BT: torch.Tensor, dtype: torch.dtype) -> LayerContext:
-        if self.key is None or self.key[0] is not mask_BT or self.key[1] != dtype:
-            # The mask stands in for the ids: the context reads only their shape and device.
-            self.ctx = self.model.attention_context(mask_BT, mask_BT, dtype)
-            self.key = (mask_BT, dtype)
+    def __call__(self, h_BTH: torch.Tensor, mask_BT: torch.Tensor) -> LayerContext:
+        if self.key is None or self.key[0] is not mask_BT or self.key[1] != h_BTH.dtype:
+            # Masks keep one shape from micro-batch to micro-batch (the engine sizes its
+            # receive buffers once), so a batch without padding carries an all-ones one;
+            # seen here (one host sync per stage and micro-batch), attention runs unmasked
+            # as it would without the pipeline (the flash kernel on GPUs). The context
+            # reads only the shape and device of the ids.
+            mask = None if bool(mask_BT.all()) else mask_BT
+            self.ctx = self.model.attention_context(h_BTH, mask, h_BTH.dtype)
+            self.key = (mask_BT, h_BTH.dtype)
         return self.ctx
 
 
@@ -88,7 +93,7 @@ class SublayerPipe(nn.Module):
 
     def forward(self, inputs: Activations) -> Activations:
         h_BTH, mask_BT, labels_BT = inputs
-        return self.sublayer(h_BTH, self.contexts(mask_BT, h_BTH.dtype)), mask_BT, labels_BT
+        return self.sublayer(h_BTH, self.contexts(h_BTH, mask_BT)), mask_BT, labels_BT
 
 
 class HeadPipe(nn.Module):
@@ -214,8 +219,10 @@ class SharedPipeline(PipelineModule):
 
 
 def pipeline_batch(batch: dict[str, torch.Tensor], key: str) -> tuple[tuple, torch.Tensor]:
-    """A loader batch as the pipeline engine takes it: (first stage's inputs, labels). A
-    missing mask or token-type field becomes the tensor the model would assume."""
+    """A loader batch as the pipeline engine takes it: (first stage's inputs, labels). Only
+    tensors of fixed shapes travel, so a batch without an attention mask (the loader drops
+    an all-ones one) carries an all-ones mask, and one without token types the zeros the
+    model would assume."""
     ids_BT = batch["input_ids"]
     mask_BT = batch.get("attention_mask")
     types_BT = batch.get("token_type_ids")

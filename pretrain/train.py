@@ -330,8 +330,10 @@ class Trainer:
                 " can be skipped)"
             )
         step = StepMetrics()
-        for _ in range(e.grad_accum_steps):  # every micro-batch ran: none counts as skipped
-            step.add({"loss": loss.detach()})
+        # The last stage has each micro-batch's metrics, the others the loss (all ran).
+        metrics = self.engine.module.take_metrics()
+        for m in metrics or [{"loss": loss.detach()}] * e.grad_accum_steps:
+            step.add(m)
         return step
 
     def replica(self) -> tuple[int, int]:
@@ -344,9 +346,14 @@ class Trainer:
     def reduce(self, step: StepMetrics) -> dict[str, float]:
         """A step's metrics averaged over micro-batches and ranks (one all-reduce; every
         rank calls it on the same steps)."""
-        means = step.means()
+        means = self._from_last_stage(step.means())
         means["skipped_micro_batches"] = self.cfg.engine.grad_accum_steps - step.done
         return runtime.mean_across_ranks(means, self.world.device)
+
+    def _from_last_stage(self, means: dict[str, float]) -> dict[str, float]:
+        """Pipelined, each rank takes its pipeline's last stage's metrics: the stages
+        before it compute none."""
+        return pipeline.from_last_stage(self.engine, means) if self.pipelined else means
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -361,13 +368,15 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v)
         self.engine.train()
         means = {f"eval_{k}": v / self.cfg.train.eval_steps for k, v in sums.items()}
-        return runtime.mean_across_ranks(means, self.world.device)
+        return runtime.mean_across_ranks(self._from_last_stage(means), self.world.device)
 
     def _eval_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One held-out micro-batch's metrics; the pipeline engine reports the loss only."""
+        """One held-out micro-batch's metrics (pipelined: the last stage's, the loss
+        elsewhere)."""
         if self.pipelined:
-            micro = iter([self._pipeline_batch(batch)])
-            return {"loss": self.engine.eval_batch(micro, num_micro_batches=1)}
+            loss = self.engine.eval_batch(iter([self._pipeline_batch(batch)]), num_micro_batches=1)
+            metrics = self.engine.module.take_metrics()
+            return metrics[0] if metrics else {"loss": loss}
         _, metrics = self._loss({k: v.to(self.world.device) for k, v in batch.items()})
         return metrics
 

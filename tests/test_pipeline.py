@@ -111,24 +111,29 @@ RUN = ["--engine.zero_stage=1", "--model.sop_head=false", "--checkpoint.every=2"
 @pytest.mark.distributed
 def test_trainer_pipeline_run_resumes_and_exports_like_data_parallel(shards_dir, tmp_path):
     """Through launch/pretrain.sh on 2 ranks: 2 stages with 2 micro-batches per step log
-    the per-step losses of 2 data-parallel ranks with 1; resumed from the step-2 checkpoint,
-    steps 3 and 4 again; the exported fp32 weights equal the data-parallel run's."""
+    the per-step losses, MLM accuracy, token counts and gradient norm of 2 data-parallel
+    ranks with 1; resumed from the step-2 checkpoint, steps 3 and 4 again; the exported
+    fp32 weights equal the data-parallel run's."""
     from pretrain.engine.pipeline import layer_state_dict
     from pretrain.export.checkpoint import read_checkpoint
 
     dp, pp, resumed = tmp_path / "dp", tmp_path / "pp", tmp_path / "resumed"
     train(shards_dir, dp, *RUN, "--train.max_steps=4")
-    train(shards_dir, pp, *RUN, *PIPELINE, "--train.max_steps=4")
+    evaluate = ["--train.eval_every=4", "--train.eval_steps=1"]
+    train(shards_dir, pp, *RUN, *PIPELINE, "--train.max_steps=4", *evaluate)
     tag = "step00000002"
     shutil.copytree(pp / "checkpoints" / tag, resumed / "checkpoints" / tag)
     train(shards_dir, resumed, *RUN, *PIPELINE, "--train.max_steps=4")
-    want = losses(dp)
-    assert sorted(want) == [1, 2, 3, 4]
-    for run, steps in ((pp, [1, 2, 3, 4]), (resumed, [3, 4])):
-        got = losses(run)
-        assert sorted(got) == steps, run
-        for step in steps:
-            assert abs(got[step] - want[step]) <= 1e-5, (run.name, step, got[step], want[step])
+    for key in ("loss", "mlm_loss", "mlm_acc", "mlm_tokens", "grad_norm"):
+        want = losses(dp, key)
+        assert sorted(want) == [1, 2, 3, 4]
+        for run, steps in ((pp, [1, 2, 3, 4]), (resumed, [3, 4])):
+            got = losses(run, key)
+            assert sorted(got) == steps, (run.name, key)
+            for step in steps:
+                assert abs(got[step] - want[step]) <= 1e-5, (run.name, key, step, got, want)
+    # The last stage's held-out metrics reach every rank's log.
+    assert sorted(losses(pp, "eval_mlm_acc")) == [4]
     weights = {run.name: read_checkpoint(run).state for run in (dp, pp)}
     assert sorted(weights["pp"]) == sorted(weights["dp"])
     for name, tensor in weights["dp"].items():

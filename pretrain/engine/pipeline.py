@@ -17,10 +17,10 @@ costs the same, the embeddings and the head what `model.accounting` counts for t
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from deepspeed.runtime.utils import partition_balanced
 from deepspeed.utils import zero_to_fp32
@@ -122,10 +122,6 @@ def label_key(model: SharedTransformer) -> str:
     return "labels" if model.cfg.causal else "mlm_labels"
 
 
-def _loss(cfg: Config, key: str, logits: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    return compute_loss(ModelOutput(logits=logits), {key: labels_BT}, cfg)[0]
-
-
 def head_reads(model: SharedTransformer) -> list[str]:
     """The embedding parameters the token head uses (the tied ones), found by a backward
     pass through the head rather than by family."""
@@ -200,22 +196,48 @@ def layer_list(model: SharedTransformer) -> list:
 
 class SharedPipeline(PipelineModule):
     """PipelineModule with stages cut by `unit_bounds`, and tied all-reduces only for the
-    sets that more than one stage holds (a set on one stage needs none)."""
+    sets that more than one stage holds (a set on one stage needs none). The last stage
+    keeps each micro-batch's metrics (`take_metrics`)."""
 
     def __init__(self, model: SharedTransformer, cfg: Config) -> None:
         bounds = unit_bounds(model, cfg)
         self.layer_stage = layer_stages(bounds)
         self.spec_bounds = _spec_bounds(bounds)
+        self.cfg, self.label_key = cfg, label_key(model)
+        self.metrics: list[dict[str, torch.Tensor]] = []
         super().__init__(
             layers=layer_list(model),
             num_stages=cfg.engine.pipeline_stages,
-            loss_fn=partial(_loss, cfg, label_key(model)),
+            loss_fn=self.micro_loss,
         )
         self.tied_comms = {k: c for k, c in self.tied_comms.items() if len(c["ranks"]) > 1}
+
+    def micro_loss(self, logits: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        """The engine's loss_fn: the objective's loss of one micro-batch."""
+        output = ModelOutput(logits=logits)
+        loss, metrics = compute_loss(output, {self.label_key: labels_BT}, self.cfg)
+        self.metrics.append(metrics)
+        return loss
+
+    def take_metrics(self) -> list[dict[str, torch.Tensor]]:
+        """The metrics of the micro-batches run since the last call (none but on the last
+        stage)."""
+        metrics, self.metrics = self.metrics, []
+        return metrics
 
     def _partition_layers(self, method: str = "flops") -> None:
         self.parts = list(self.spec_bounds)
         self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
+
+
+def from_last_stage(engine, values: dict[str, float]) -> dict[str, float]:
+    """The last stage's `values` on every stage of its pipeline: only it computes the
+    objective's metrics. Averaging the result over all ranks then averages the replicas."""
+    grid = engine.grid
+    last = grid.stage_to_global(stage_id=engine.num_stages - 1, data=grid.data_parallel_id)
+    holder = [values]
+    dist.broadcast_object_list(holder, src=last, group=grid.get_pipe_parallel_group())
+    return holder[0]
 
 
 def pipeline_batch(batch: dict[str, torch.Tensor], key: str) -> tuple[tuple, torch.Tensor]:

@@ -187,6 +187,20 @@ def run_process(
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def run_ranks(script: str, *args: str, ranks: int = 2) -> list[dict]:
+    """Run `tests/<script>` on `ranks` local ranks with torchrun; the JSON lines it printed.
+    Programs run this way check what a test cannot reach through the trainer."""
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"),
+        f"--master_port={free_port()}",
+        str(REPO / "tests" / script),
+        *args,
+    ]
+    result = run_process(command, env=env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
 def kill_group(process: subprocess.Popen) -> None:
     """SIGKILL every process of the session `process` leads, if any is left."""
     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import io
-import json
 import re
-import sys
 from itertools import pairwise
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, env, free_port, random_ids, run_process, tiny_model
+from helpers import random_ids, run_ranks, tiny_model
 from torch import nn
 
 from pretrain.config import ConfigError, OptimConfig, load_config
@@ -275,15 +273,7 @@ def test_lamb_under_zero_takes_the_whole_tensor_step():
     would move it, one trust ratio per tensor, to 1e-6 (tests/zero_lamb.py). Ratios taken
     per flat slice miss by about 0.04 on this model."""
     layouts = [f"{stage}:{precision}" for precision in ("fp32", "bf16") for stage in (1, 2, 3)]
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"),
-        f"--master_port={free_port()}",
-        str(REPO / "tests" / "zero_lamb.py"),
-        *layouts,
-    ]
-    result = run_process(command, env=env(), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    rows = run_ranks("zero_lamb.py", *layouts)
     assert [row["layout"] for row in rows] == layouts
     for row in rows:
         assert row["worst"] <= 1e-6, row

@@ -4,14 +4,12 @@ parameters."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import sys
 
 import pytest
 import torch
-from helpers import REPO, env, free_port, losses, run_process, tiny_config, train
+from helpers import losses, run_ranks, tiny_config, train
 
 from pretrain.config import Config, ConfigError, DataConfig, EngineConfig
 
@@ -71,15 +69,7 @@ def test_the_config_refuses_what_the_pipeline_does_not_carry(engine, model, mess
 
 
 def run_pipe_check(ranks: int) -> list[dict]:
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"),
-        f"--master_port={free_port()}",
-        str(REPO / "tests" / "pipe_check.py"),
-        *LAYOUTS[ranks],
-    ]
-    result = run_process(command, env=env(), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    rows = run_ranks("pipe_check.py", *LAYOUTS[ranks], ranks=ranks)
     assert sorted((r["layout"], r["rank"]) for r in rows) == sorted(
         (layout, rank) for layout in LAYOUTS[ranks] for rank in range(ranks)
     )

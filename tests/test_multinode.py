@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -88,9 +89,14 @@ def _start_sshd(root: Path, config: Path) -> int:
         capture_output=True,
         text=True,
     )
-    if result.returncode != 0 or not (root / "sshd.pid").exists():
-        missing(f"sshd did not start: {result.stderr[-500:]}")
-    return int((root / "sshd.pid").read_text())
+    # sshd returns once it has forked; the daemon writes its pid file when it listens.
+    pid_file, deadline = root / "sshd.pid", time.monotonic() + 30
+    while result.returncode == 0 and time.monotonic() < deadline:
+        if pid_file.exists() and pid_file.read_text().strip():
+            return int(pid_file.read_text())
+        time.sleep(0.1)
+    log = (root / "sshd.log").read_text() if (root / "sshd.log").exists() else ""
+    missing(f"sshd did not start: {(result.stderr + log)[-500:]}")
 
 
 def _stop_sshd(pid: int) -> None:

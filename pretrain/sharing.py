@@ -154,6 +154,11 @@ class SharingPlan:
         return max(self.ffn) + 1
 
     @property
+    def reuses(self) -> bool:
+        """Whether some parameter set runs at more than one layer application."""
+        return self.num_attention_sets < self.num_layers or self.num_ffn_sets < self.num_layers
+
+    @property
     def relaxed(self) -> bool:
         """Whether the layers of the range add their own low-rank deltas to the shared sets."""
         return self.ratio < 1.0

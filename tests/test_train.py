@@ -331,22 +331,27 @@ def test_gradient_traffic_scales_with_unique_parameters(shards_dir, tmp_path):
 
 @pytest.mark.distributed
 def test_zero3_gathers_a_shared_set_once_per_step(shards_dir, tmp_path):
-    """All four layer applications run one shared block: after the first (tracing) step,
-    ZeRO-3 all-gathers each parameter once per step, not once per use."""
+    """All layer applications run one shared block. After the first step, ZeRO-3
+    all-gathers each parameter once per step, not once per use. In the first step the
+    encoder is gathered once for its forward and once for its backward, however many times
+    the block runs: 8 applications gather the bytes of 4 (DeepSpeed alone, still tracing,
+    gathers per application there: 1.7 times as many bytes at 8 as at 4)."""
     from pretrain.config import load_config
     from pretrain.summary import account
 
     gathered = {}
-    for steps in (3, 5):
-        out = tmp_path / str(steps)
+    for steps, layers in ((3, 4), (5, 4), (3, 8)):
+        out = tmp_path / f"{steps}x{layers}"
         zero3 = ["--engine.zero_stage=3", "--engine.comms_logger=true"]
-        train(shards_dir, out, *zero3, f"--train.max_steps={steps}", "--checkpoint.every=0")
+        run = [f"--train.max_steps={steps}", f"--model.num_layers={layers}", "--checkpoint.every=0"]
+        train(shards_dir, out, *zero3, *run)
         record = json.loads((out / "comms.json").read_text())
-        gathered[steps] = record["bytes"]["all_gather_into_tensor"]
-    per_step = (gathered[5] - gathered[3]) / 2
+        gathered[steps, layers] = record["bytes"]["all_gather_into_tensor"]
+    per_step = (gathered[5, 4] - gathered[3, 4]) / 2
     unique = account(load_config(REPO / "configs" / "tiny-albert.yaml", BASE)).unique_params
     world = 2  # the logger counts each rank's partition: 1/world of every fp32 parameter
     assert abs(per_step / (unique * 4 / world) - 1) < 0.01, (per_step, unique)
+    assert gathered[3, 8] == gathered[3, 4], gathered
 
 
 def test_resuming_into_another_model_fails_clearly(straight, shards_dir, tmp_path):

@@ -14,7 +14,8 @@ NEVER = 1 << 30  # DeepSpeed's own periodic console prints are replaced by our l
 # ZeRO-3 keeps a gathered parameter until it has gone unused for this many module calls
 # and holds up to this many gathered elements: a shared set, used by several layer
 # applications in one step, is then gathered once per step, not once per use (measured
-# by the comms logger: tests/test_train.py). These are DeepSpeed's defaults, stated.
+# by the comms logger: tests/test_train.py). These are DeepSpeed's defaults, stated. The
+# first step, before DeepSpeed has traced one, relies on runtime.gather_shared_encoder_whole.
 ZERO3_REUSE = int(1e9)
 
 

@@ -13,6 +13,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import set_z3_leaf_modules_by_name
 from torch import nn
 
 from pretrain.config import Config, ConfigError
@@ -93,9 +94,23 @@ def check_precision(precision: str) -> None:
         )
 
 
+def gather_shared_encoder_whole(model: nn.Module, cfg: Config) -> None:
+    """Under ZeRO-3, an encoder that reuses a parameter set is one unit to DeepSpeed (a leaf
+    module): its sets are all-gathered once when its forward starts and once when its
+    backward does, from the first step on. Otherwise, until DeepSpeed has traced a step, it
+    releases a set after each layer application and gathers it again for the next; after
+    the trace its reuse window (ds_config.ZERO3_REUSE) keeps a set through the step, with
+    or without this. An encoder whose sets each run once keeps DeepSpeed's per-layer
+    order."""
+    encoder = getattr(model, "encoder", None)
+    if cfg.engine.zero_stage == 3 and encoder is not None and encoder.plan.reuses:
+        set_z3_leaf_modules_by_name(model, ["encoder"])
+
+
 def initialize(model: nn.Module, cfg: Config, world: World):
     """Wrap `model` in a DeepSpeed engine with our optimizer and LR schedule."""
     check_precision(cfg.engine.precision)
+    gather_shared_encoder_whole(model, cfg)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     engine, _, _, _ = deepspeed.initialize(

@@ -69,17 +69,23 @@ class SharedEncoder(nn.Module):
 
     def forward(
         self, h_BTH: torch.Tensor, ctx: LayerContext, keep_layers: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
-        """Returns the final hidden states, the ponder cost (None without ACT) and, with
-        `keep_layers`, each layer application's output (not under ACT, whose positions
-        halt at different steps)."""
+    ) -> tuple[
+        torch.Tensor, torch.Tensor | None, torch.Tensor | None, tuple[torch.Tensor, ...] | None
+    ]:
+        """Returns the final hidden states, the ponder cost (None without ACT), the tie
+        penalty (None under pure sharing) and, with `keep_layers`, each layer application's
+        output (not under ACT, whose positions halt at different steps).
+
+        The penalty is taken here, inside the forward: an engine that partitions parameters
+        (ZeRO-3) holds the deltas whole only while the module that owns them runs."""
         if self.act is not None:
-            return (*self.act(h_BTH, ctx, self._run, self.plan.num_layers), None)
+            h_BTH, ponder_cost = self.act(h_BTH, ctx, self._run, self.plan.num_layers)
+            return h_BTH, ponder_cost, self.tie_penalty(), None
         layers = []
         for i in range(self.plan.num_layers):
             h_BTH = self._run(i, h_BTH, ctx)
             layers.append(h_BTH)
-        return h_BTH, None, tuple(layers) if keep_layers else None
+        return h_BTH, None, self.tie_penalty(), tuple(layers) if keep_layers else None
 
 
 class AdaptiveComputationTime(nn.Module):

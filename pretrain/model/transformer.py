@@ -151,7 +151,7 @@ class SharedTransformer(nn.Module):
         output_hidden_states: also return every layer application's output."""
         h_BTH = self.embeddings(input_ids, token_type_ids)
         ctx = self.attention_context(input_ids, attention_mask, h_BTH.dtype)
-        h_BTH, ponder_cost, layers = self.encoder(h_BTH, ctx, output_hidden_states)
+        h_BTH, ponder_cost, tie_penalty, layers = self.encoder(h_BTH, ctx, output_hidden_states)
         if self.final_norm is not None:
             h_BTH = self.final_norm(h_BTH)
         sop_logits = self.sop_head(h_BTH) if self.sop_head is not None else None
@@ -161,6 +161,6 @@ class SharedTransformer(nn.Module):
             logits=logits,
             sop_logits=sop_logits,
             ponder_cost=ponder_cost,
-            tie_penalty=self.encoder.tie_penalty(),
+            tie_penalty=tie_penalty,
             hidden_states=layers,
         )

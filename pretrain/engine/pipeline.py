@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from deepspeed.runtime.utils import partition_balanced
-from deepspeed.utils import zero_to_fp32
 from torch import nn
 
 from pretrain.config import Config, ModelConfig
-from pretrain.engine.checkpoint import safe_load, weights_only_loads
+from pretrain.engine.checkpoint import safe_load
+from pretrain.engine.consolidate import stage_fp32_state_dict
 from pretrain.model import ModelOutput, SharedTransformer
 from pretrain.model.accounting import count
 from pretrain.model.blocks import LayerContext
@@ -267,46 +267,15 @@ def _model_name(name: str) -> str:
     return f"encoder.{component}.{index}.{rest.removeprefix('sublayer.')}"
 
 
-def _stage_masters(tag_dir: Path, stage: int) -> dict[str, torch.Tensor]:
-    """One stage's fp32 master weights, under the pipeline module's names, from its ZeRO
-    (or bf16) optimizer files: DeepSpeed's own consolidation, run on the stage's files."""
-    model_file = tag_dir / f"mp_rank_{stage:02d}_model_states.pt"
-    optim_files = sorted(
-        tag_dir.glob(f"*zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"),
-        key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]),
-    )
-    states = safe_load(model_file)
-    # The stage's module state is in its layer files, not here (None): the buffers the
-    # consolidation would take from it are none of ours (RoPE tables and the ACT signal
-    # are not persistent).
-    models = [
-        zero_to_fp32.zero_model_state(
-            buffers={},
-            param_shapes=states["param_shapes"],
-            shared_params=list(states["shared_params"].items()),
-            ds_version=states.get("ds_version"),
-            frozen_param_shapes=states.get("frozen_param_shapes"),
-            frozen_param_fragments=states.get("frozen_param_fragments"),
-        )
-    ]
-    _, replicas, flat_groups, paddings = zero_to_fp32.parse_optim_states(
-        [str(f) for f in optim_files], str(tag_dir)
-    )
-    return zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
-        replicas, flat_groups, models, False, paddings
-    )
-
-
 def _masters(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The model's fp32 master weights from every stage's optimizer files. A set held by
     several stages is the same on each; the embeddings are taken from the first stage,
     the only one that trains all of them (the last reads only the tied table)."""
     stages = len(list(tag_dir.glob("mp_rank_*_model_states.pt")))
     state: dict[str, torch.Tensor] = {}
-    with weights_only_loads():
-        for stage in range(stages):
-            for name, tensor in _stage_masters(tag_dir, stage).items():
-                state.setdefault(_model_name(name), tensor.float().contiguous())
+    for stage in range(stages):
+        for name, tensor in stage_fp32_state_dict(tag_dir, stage).items():
+            state.setdefault(_model_name(name), tensor)
     return state
 
 

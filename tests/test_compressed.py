@@ -19,10 +19,13 @@ from pretrain.export.compressed import (
     INT8,
     is_int8,
     load_int8,
+    prune,
     quantize_int8,
     save_int8,
+    save_pruned,
+    write_folder,
 )
-from pretrain.export.native import WEIGHTS, save_native
+from pretrain.export.native import WEIGHTS, load_model, save_native
 from pretrain.model import SharedTransformer
 
 VOCAB = 150  # the `tokenizer_dir` fixture's tokenizer
@@ -147,3 +150,155 @@ def test_is_int8_and_load_int8_refuse_a_native_export(tmp_path, tokenizer_dir):
     assert not is_int8(tmp_path / "native") and not is_int8(tmp_path / "nothing")
     with pytest.raises(UserError, match="not an int8 export"):
         load_int8(tmp_path / "native")
+
+
+@pytest.mark.unit
+def test_load_int8_refuses_weights_its_config_does_not_describe(tmp_path, tokenizer_dir):
+    write_int8(model(), tokenizer_dir, tmp_path / "int8")
+    config = tmp_path / "int8" / "config.json"
+    meta = json.loads(config.read_text())
+    meta["model"]["intermediate_size"] = 128
+    config.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="disagrees with its weights"):
+        load_int8(tmp_path / "int8")
+
+
+# -- pruning ----------------------------------------------------------------------------------
+
+
+def linear_weights(fp32: SharedTransformer) -> dict[str, torch.Tensor]:
+    """The state dict's linear weights: a shared set's appear once."""
+    names = {f"{n}.weight" for n, m in fp32.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {k: v for k, v in fp32.state_dict().items() if k in names}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_prune_reaches_the_sparsity_exactly_and_touches_only_linear_weights(sparsity):
+    fp32 = model(sharing={"strategy": "cycle", "num_sets": 2})
+    before = {k: v.clone() for k, v in fp32.state_dict().items()}
+    result = prune(fp32, sparsity)
+    weights = linear_weights(fp32)
+    # Each shared tensor once: the counts are those of the distinct weights, not of every
+    # layer that applies them (4 layers, 2 sets).
+    assert sorted(result["tensors"]) == sorted(weights)
+    assert result["numel"] == sum(w.numel() for w in weights.values())
+    for name, w in weights.items():
+        assert int((w == 0).sum()) == round(sparsity * w.numel()), name
+        kept = w != 0
+        assert torch.equal(w[kept], before[name][kept])  # survivors keep their values
+        if kept.any() and not kept.all():
+            assert before[name][~kept].abs().max() <= w[kept].abs().min()  # smallest went
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    assert result["zeros"] == zeros
+    assert abs(result["achieved"] - sparsity) <= len(weights) / result["numel"]
+    for key, value in fp32.state_dict().items():
+        if key not in weights:  # biases, norms, embeddings, the MLM bias
+            assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.unit
+def test_a_pruned_export_loads_as_native(tmp_path, tokenizer_dir):
+    fp32 = model(sharing={"strategy": "all"})
+    prune(fp32, 0.5)
+    compression = {"method": "prune", "sparsity": 0.5, "source": "test"}
+    save_pruned(fp32, tokenizer_dir, tmp_path / "pruned", compression)
+    meta = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert meta["compression"] == compression
+    loaded = load_model(tmp_path / "pruned")
+    assert torch.equal(logits(loaded), logits(fp32))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
+def test_prune_refuses_a_sparsity_outside_0_1(sparsity):
+    with pytest.raises(UserError, match=r"--sparsity must be in \[0, 1\)"):
+        prune(model(), sparsity)
+
+
+@pytest.mark.unit
+def test_prune_refuses_an_int8_model():
+    with pytest.raises(UserError, match="prune the fp32 model"):
+        prune(int8_copy(model()), 0.5)
+
+
+@pytest.mark.unit
+def test_an_error_while_writing_leaves_nothing(tmp_path):
+    def fail(folder: Path) -> None:
+        (folder / "part").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_folder(tmp_path / "out", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- the command line -------------------------------------------------------------------------
+
+COMPRESS = ("-m", "pretrain.compress")
+
+
+@pytest.fixture
+def native_export(tmp_path, tokenizer_dir) -> Path:
+    fp32 = model(sharing={"strategy": "all"}, max_position_embeddings=64)
+    save_native(fp32.state_dict(), fp32.cfg, tokenizer_dir, tmp_path / "fp32")
+    return tmp_path / "fp32"
+
+
+@pytest.mark.e2e
+def test_cli_int8_reports_against_the_source(cli, native_export, shards_dir, tmp_path):
+    out = tmp_path / "int8"
+    data = (f"--data={shards_dir}", "--data.seq_length=32", "--eval-batches=1")
+    result = cli(*COMPRESS, "int8", str(native_export), f"--output={out}", *data, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = json.loads(result.stdout.splitlines()[-1])
+    assert printed["compression"]["quantized_linears"] == 4 + 2 + 4
+    source, int8 = printed["report"]
+    assert (source["kind"], int8["kind"]) == ("native", "int8")
+    assert int8["disk_bytes"] < source["disk_bytes"]
+    assert abs(int8["eval_loss"] - source["eval_loss"]) < 0.05 * source["eval_loss"]
+    assert torch.equal(logits(load_int8(out)), logits(int8_copy(load_model(native_export))))
+
+
+@pytest.mark.e2e
+def test_cli_prunes_to_a_native_export(cli, native_export, tmp_path):
+    out = tmp_path / "pruned"
+    args = ("prune", str(native_export), f"--output={out}", "--sparsity=0.75", "--no-report")
+    result = cli(*COMPRESS, *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sparsity 0.7500" in result.stdout
+    weights = linear_weights(load_model(out))
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    assert zeros == sum(round(0.75 * w.numel()) for w in weights.values())
+
+
+@pytest.mark.e2e
+def test_cli_refuses_a_non_empty_output_and_leaves_it(cli, native_export, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = cli(*COMPRESS, "int8", str(native_export), f"--output={out}", "--no-report")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --output {out} is not empty")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (
+        out / "keep.txt"
+    ).read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32", "taken"]
+
+
+@pytest.mark.e2e
+def test_cli_refusals_are_one_line(cli, native_export, tmp_path):
+    int8 = tmp_path / "int8"
+    write_int8(model(sharing={"strategy": "all"}), native_export / "tokenizer", int8)
+    cases = {
+        ("prune", str(int8)): "is already an int8 export",
+        ("prune", str(native_export), "--sparsity=1"): "--sparsity must be in [0, 1)",
+        ("int8", str(tmp_path)): "holds no model",
+        ("int8", str(native_export)): "carries no data to evaluate on",
+    }
+    for args, message in cases.items():
+        result = cli(*COMPRESS, *args, f"--output={tmp_path / 'out'}")
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], (args, result.stderr[-2000:])
+    assert not (tmp_path / "out").exists()

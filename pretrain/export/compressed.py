@@ -32,7 +32,7 @@ from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
 from pretrain.config import ModelConfig, from_dict, to_dict
 from pretrain.errors import UserError
-from pretrain.export.native import CONFIG, TOKENIZER, WEIGHTS, check_state
+from pretrain.export.native import CONFIG, TOKENIZER, WEIGHTS, check_state, save_native
 from pretrain.model import SharedTransformer
 from pretrain.model.heads import CausalLMHead
 from pretrain.model.relaxed import LowRankDelta
@@ -151,12 +151,17 @@ def int8_state(model: SharedTransformer) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_output(output: Path) -> None:
+    """A compressed model goes to a new (or empty) folder, never over another."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"--output {output} is not empty; choose a new folder")
+
+
 def write_folder(output: str | Path, write: Callable[[Path], None]) -> None:
     """Run `write(folder)` on a new folder beside `output`, then rename it to `output`:
     on any error nothing is left at `output`. Refuses an `output` that is not empty."""
     output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"--output {output} is not empty; choose a new folder")
+    check_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -203,7 +208,9 @@ def is_int8(path: str | Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == INT8_FORMAT
 
 
-def _check_int8_state(state: dict[str, torch.Tensor], model: SharedTransformer, where: Path):
+def _check_int8_state(
+    state: dict[str, torch.Tensor], model: SharedTransformer, where: Path
+) -> None:
     """The file must hold what `save_int8` writes for the fp32 `model` of its config."""
     int8_names = {k.removesuffix(f".{INT8}") for k in state if k.endswith(f".{INT8}")}
     if int8_names != set(quantizable(model)):
@@ -235,3 +242,61 @@ def load_int8(path: str | Path) -> SharedTransformer:
     }
     _replace(model, new)
     return model.eval()
+
+
+# -- pruning ----------------------------------------------------------------------------------
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise UserError(f"--sparsity must be in [0, 1), got {sparsity}: e.g. --sparsity 0.5")
+
+
+def _prune_tensor(weight: torch.Tensor, sparsity: float) -> int:
+    """Zero the round(sparsity * numel) smallest-magnitude entries of `weight` in place
+    (exactly that many: ties at the threshold are broken by position); returns its zeros."""
+    flat = weight.detach().view(-1)
+    smallest = flat.abs().argsort(stable=True)[: round(sparsity * flat.numel())]
+    flat[smallest] = 0.0
+    return int((flat == 0).sum())
+
+
+@torch.no_grad()
+def prune(model: SharedTransformer, sparsity: float) -> dict:
+    """Magnitude-prune every distinct linear weight of `model` in place to `sparsity` (per
+    tensor, so over the pruned tensors it holds to rounding). A shared set's weights are
+    one tensor, pruned once; biases, norms and embeddings are left as they are.
+
+    Returns what was pruned: tensor names, entries, zeros and the sparsity reached."""
+    check_sparsity(sparsity)
+    if any(isinstance(m, QLinear) for m in model.modules()):
+        raise UserError("the model is int8: prune the fp32 model, then quantize it")
+    weights = {}  # id -> (name, tensor): a weight two modules hold is pruned once
+    for name, linear in linear_modules(model).items():
+        weights.setdefault(id(linear.weight), (f"{name}.weight", linear.weight))
+    zeros = sum(_prune_tensor(w, sparsity) for _, w in weights.values())
+    numel = sum(w.numel() for _, w in weights.values())
+    return {
+        "sparsity": sparsity,
+        "achieved": zeros / numel if numel else 0.0,
+        "zeros": zeros,
+        "numel": numel,
+        "tensors": [name for name, _ in weights.values()],
+    }
+
+
+def save_pruned(
+    model: SharedTransformer,
+    tokenizer_dir: str | Path | None,
+    output: str | Path,
+    compression: dict,
+) -> None:
+    """A native export of `model` (dense storage) whose config.json also says how it was
+    compressed; readers of native exports ignore the extra key."""
+
+    def write(folder: Path) -> None:
+        save_native(model.state_dict(), model.cfg, tokenizer_dir, folder)
+        meta = json.loads((folder / CONFIG).read_text()) | {"compression": compression}
+        (folder / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+    write_folder(output, write)

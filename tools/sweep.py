@@ -36,6 +36,7 @@ import yaml
 from tqdm import tqdm
 
 from pretrain.config import Config, ConfigError, load_config, load_yaml, to_dict
+from pretrain.config.reference import config_keys, flat
 from pretrain.errors import UserError, main_guard
 from pretrain.report import load_for_report, measure
 
@@ -136,11 +137,21 @@ def resolved(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def same_settings(saved: dict[str, Any], cfg: Config) -> bool:
+    """Does a run folder's config (as saved) describe `cfg`? A key the saved one lacks was
+    added to the schema since, and the run had its default."""
+    defaults = {k.name: k.default for k in config_keys()}
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    now = flat(yaml.safe_load(resolved(cfg)))
+    was = flat(saved)
+    return all(was.get(k, defaults.get(k)) == v for k, v in now.items())
+
+
 def prepare(run: Run) -> bool:
     """Write the run's config; True when it already finished. A folder holding another
     config is refused rather than mixed with this one."""
     path = run.folder / "config.yaml"
-    if path.is_file() and path.read_text() != resolved(run.cfg):
+    if path.is_file() and not same_settings(yaml.safe_load(path.read_text()), run.cfg):
         raise UserError(
             f"{run.folder} holds a run of {run.label} with other settings; delete that folder"
             " or sweep into another --output"
@@ -282,7 +293,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
-    for name, group in by_variant(rows).items():
+    for i, (name, group) in enumerate(by_variant(rows).items()):
         losses = [r["eval_loss"] for r in group]
         y = statistics.fmean(losses)
         err = (max(losses) - min(losses)) / 2
@@ -291,13 +302,14 @@ def plot(rows: list[dict], path: Path) -> None:
             (right, mean(group, "train_tokens_per_s")),
         ):
             ax.errorbar(x, y, yerr=err, fmt="o", capsize=3)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            # Staggered, so that variants with the same x and nearly the same loss stay legible.
+            offset = (5, 4 + 8 * (i % 4))
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=offset, fontsize=8)
     for ax in (left, right):
-        ax.axhline(rows[0]["baseline_loss"], color="grey", linestyle="--", linewidth=1)
         ax.grid(alpha=0.3)
     left.set_xscale("log")
     left.set_xlabel("unique parameters")
-    left.set_ylabel("held-out loss (dashed: unigram baseline)")
+    left.set_ylabel(f"held-out loss (unigram baseline: {rows[0]['baseline_loss']:.3f})")
     right.set_xlabel("training tokens/s")
     fig.suptitle("sharing plans at equal effective depth, data and tokens")
     fig.tight_layout()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
 from helpers import CONFIGS, REPO
 
+from pretrain.__main__ import main as pretrain_main
 from pretrain.config import (
     Config,
     ConfigError,
     from_dict,
     load_config,
     parse_overrides,
+    reference,
 )
 from pretrain.model import STRATEGIES, SharedTransformer
 from pretrain.summary import account
@@ -262,3 +265,50 @@ def test_config_command_rejects_a_bad_config_in_one_line(cli):
         "error: engine.zero_stage: 5 is not one of 0 | 1 | 2 | 3"
     ]
     assert result.stdout == ""
+
+
+# -- the reference: python -m pretrain config --help / --diff ---------------------------------
+
+
+@pytest.mark.unit
+def test_every_config_key_has_a_type_default_and_doc():
+    """The reference is generated from the dataclasses; a field without its doc string
+    fails here, so a new key cannot go undocumented."""
+    keys = list(reference.config_keys())
+    undocumented = [k.name for k in keys if not k.doc]
+    assert not undocumented, f"config keys without a doc string: {undocumented}"
+    flat = reference.flat(Config().to_dict())
+    assert [k.name for k in keys] == list(flat)  # every key, in order, nothing invented
+    for key in keys:
+        assert reference.flat(Config().to_dict())[key.name] == reference._plain(key.default) or (
+            key.default is None  # derived at load (the family's norm_eps, num_kv_heads)
+        ), key.name
+
+
+@pytest.mark.unit
+def test_config_help_lists_every_key_with_its_default(capsys):
+    assert pretrain_main(["config", "--help"]) == 0
+    text = capsys.readouterr().out
+    for key in reference.config_keys():
+        assert f"  {key.name}: {key.type} = " in text, key.name
+    assert "  model.sharing.strategy: str = none\n" in text
+    assert "  optim.betas: list of 2 float = [0.9, 0.999]  (in [0, 1))\n" in text
+    assert "      Seeds the initialisation, masking and data order.\n" in text
+
+
+@pytest.mark.unit
+def test_config_diff_shows_only_what_differs_from_the_defaults(capsys):
+    path = REPO / "configs" / "tiny-llama.yaml"
+    assert pretrain_main(["config", str(path), "--diff", "--train.max_steps=7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    keys = [line.split(":")[0] for line in lines]
+    assert "train.max_steps:               7  # default: 1000" in lines
+    assert "model.num_kv_heads:            2  # default: 4" in lines  # num_heads is 4
+    assert "model.norm_eps" not in keys  # llama's own default, not a change
+    cfg = load_config(path, ["--train.max_steps=7"])
+    flat, defaults = reference.flat(cfg.to_dict()), reference.flat(Config().to_dict())
+    changed = {k for k in flat if reference._plain(flat[k]) != reference._plain(defaults[k])}
+    assert set(keys) == changed - {"model.norm_eps", "model.type_vocab_size"}
+    assert pretrain_main(["config", str(REPO / "configs" / "tiny-albert.yaml"), "--diff"]) == 0
+    albert = capsys.readouterr().out
+    assert re.search(r"^model\.sharing\.strategy: +all  # default: none$", albert, re.M)

@@ -178,25 +178,35 @@ class ModelConfig(Section):
     """albert: post-LN, GELU, biases, learned positions, bidirectional, MLM (+SOP).
     llama: pre-RMSNorm, SwiGLU, RoPE, no biases, causal LM."""
     vocab_size: int = bounded(30000, ge=1)
+    """V, token ids in the table; the tokenizer's vocabulary size."""
     embedding_size: int = bounded(128, ge=1)
     """E, the width of the token table; factorized when E < hidden_size."""
     hidden_size: int = bounded(768, ge=1)
+    """H, the width of every layer."""
     num_layers: int = bounded(12, ge=1)
     """L, the number of logical layers (layer applications)."""
     num_heads: int = bounded(12, ge=1)
+    """Attention heads; hidden_size must divide by it."""
     num_kv_heads: int | None = bounded(None, ge=1)
     """Key/value heads for grouped-query attention (llama); default: num_heads."""
     intermediate_size: int = bounded(3072, ge=1)
+    """Width of the feed-forward layer."""
     max_position_embeddings: int = bounded(512, ge=1)
+    """Longest sample the position table (albert) or RoPE tables (llama) cover."""
     type_vocab_size: int | None = None
     """Token type (segment) embeddings; default 2 for albert, 0 (none) for llama."""
     norm_eps: float | None = None
     """LayerNorm / RMSNorm epsilon; default 1e-12 for albert, 1e-6 for llama."""
     rope_theta: float = 10000.0
+    """llama only: the RoPE base."""
     dropout: float = bounded(0.0, ge=0.0, lt=1.0)
+    """Dropout on embeddings and sublayer outputs while training."""
     attention_dropout: float = bounded(0.0, ge=0.0, lt=1.0)
+    """Dropout on attention probabilities while training."""
     initializer_range: float = 0.02
+    """Standard deviation of the normal initialisation of weights."""
     pad_token_id: int = 0
+    """The padding id: its embedding starts at zero."""
     sop_head: bool = True
     """albert only: a sentence-order prediction head on the first token."""
     hidden_act: Literal["gelu_new", "gelu"] = "gelu_new"
@@ -325,6 +335,7 @@ class DataConfig(Section):
     short_seq_prob: float = bounded(0.1, ge=0.0, le=1.0)
     """Probability of a shorter target length (ALBERT)."""
     num_workers: int = bounded(1, ge=0)
+    """Loader worker processes per rank; 0 loads in the training process."""
 
 
 @dataclass
@@ -334,12 +345,19 @@ class ObjectiveConfig(Section):
     section: ClassVar[str] = "objective"
 
     mlm_weight: float = bounded(1.0, ge=0.0)
+    """Weight of the masked-LM loss (albert)."""
     sop_weight: float = bounded(1.0, ge=0.0)
+    """Weight of the sentence-order loss (albert with sop_head)."""
     clm_weight: float = bounded(1.0, ge=0.0)
+    """Weight of the next-token loss (llama)."""
     mask_prob: float = bounded(0.15, gt=0.0, lt=1.0)
+    """Share of the positions masked for MLM."""
     max_predictions: int = bounded(20, ge=1)
+    """At most this many masked positions per sample."""
     max_ngram: int = bounded(3, ge=1)
+    """Longest n-gram masked as one span (ALBERT's n-gram masking); 1: single tokens."""
     whole_word: bool = True
+    """Mask whole words (all pieces of a word together) instead of single pieces."""
 
 
 @dataclass
@@ -349,13 +367,21 @@ class OptimConfig(Section):
     section: ClassVar[str] = "optim"
 
     name: Literal["adamw", "lamb"] = "adamw"
+    """adamw (fused where the device has it) or lamb (per-tensor trust ratio)."""
     lr: float = bounded(1e-3, gt=0.0)
+    """Peak learning rate, reached at the end of the warmup."""
     weight_decay: float = bounded(0.01, ge=0.0)
+    """Decoupled weight decay; biases and norms are exempt."""
     betas: tuple[float, float] = bounded((0.9, 0.999), ge=0.0, lt=1.0)
+    """Adam's (beta1, beta2)."""
     eps: float = 1e-6
+    """Adam's epsilon."""
     warmup_steps: int = bounded(0, ge=0)
+    """Linear warmup from 0 to lr over this many steps."""
     decay: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after the warmup, down to min_lr_ratio * lr at max_steps."""
     min_lr_ratio: float = bounded(0.0, ge=0.0, le=1.0)
+    """The decayed learning rate's floor, as a fraction of lr."""
     grad_clip: float = bounded(1.0, ge=0.0)
     """Gradient-norm clipping; 0 disables it."""
 
@@ -367,12 +393,17 @@ class EngineConfig(Section):
     section: ClassVar[str] = "engine"
 
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; bf16 and fp16 keep fp32 master weights."""
     micro_batch_size: int = bounded(8, ge=1)
     """Samples per rank per forward pass."""
     grad_accum_steps: int = bounded(1, ge=1)
+    """Micro-batches per optimizer step."""
     offload_optimizer: bool = False
+    """Keep optimizer states and their step on the CPU (ZeRO-Offload)."""
     offload_params: bool = False
+    """Keep parameters on the CPU between uses (ZeRO-3 only)."""
     activation_checkpointing: bool = False
     """Non-reentrant activation checkpointing of every layer application."""
     zero3_persistence_threshold: int = 100000
@@ -409,11 +440,15 @@ class TrainConfig(Section):
     section: ClassVar[str] = "train"
 
     max_steps: int = bounded(1000, ge=1)
+    """Optimizer steps of the run."""
     output_dir: str = "runs/default"
+    """Where checkpoints, metrics.jsonl and TensorBoard logs go; a run there resumes."""
     seed: int = 1234
+    """Seeds the initialisation, masking and data order."""
     eval_every: int = bounded(0, ge=0)
     """Evaluate on the held-out split every N steps; 0 disables it."""
     eval_steps: int = bounded(10, ge=1)
+    """Held-out micro-batches per rank in each evaluation."""
     init_from: str = ""
     """A native export (e.g. an imported Hugging Face model) to start from instead of a
     random initialisation; ignored when the run resumes from its own checkpoint."""
@@ -441,6 +476,7 @@ class CheckpointConfig(Section):
     every: int = bounded(0, ge=0)
     """Save every N steps (0: only at the end and on SIGTERM/SIGINT)."""
     keep_last: int = bounded(3, ge=1)
+    """Checkpoints kept; older ones are deleted after each save."""
 
 
 @dataclass
@@ -450,6 +486,17 @@ class LoggingConfig(Section):
     every: int = bounded(10, ge=1)
     """Log metrics every N steps."""
     tensorboard: bool = True
+    """Write TensorBoard event files beside metrics.jsonl."""
+    wandb: bool = False
+    """Also log to Weights & Biases (pip install wandb) from rank 0, with the resolved config
+    and the unique/effective parameter counts; a resumed run continues the same W&B run."""
+    wandb_project: str = "pretrain"
+    """The W&B project."""
+    wandb_run_name: str = ""
+    """The W&B run's name; default: the name of train.output_dir."""
+    wandb_mode: Literal["", "online", "offline"] = ""
+    """offline: write the run under train.output_dir/wandb for `wandb sync` later; empty:
+    the WANDB_MODE environment variable, else online."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device for MFU; default: the datasheet figure for the device's
     name, or where there is none (CPUs), a matmul peak measured at start."""

@@ -6,16 +6,19 @@ builds the logger with `enabled=False` on every rank but 0.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import resource
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from pretrain.errors import UserError
 
 # Dense (no 2:4 sparsity) peak TFLOP/s of one device, from the vendor datasheets. bf16/fp16 are
 # tensor-core figures with fp32 accumulation (what training uses); fp32 is the non-tensor-core
@@ -144,6 +147,45 @@ def _console_parts(metrics: Mapping[str, Any]) -> list[str]:
     return [fmt.format(metrics[key]) for key, fmt in _CONSOLE if metrics.get(key) is not None]
 
 
+def _count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def check_wandb() -> None:
+    """logging.wandb needs the wandb package: one line naming the fix, before any rank."""
+    if importlib.util.find_spec("wandb") is None:
+        raise UserError(
+            "logging.wandb is true but the wandb package is not installed: pip install wandb"
+            " (or pip install -e '.[wandb]'), or set logging.wandb=false"
+        )
+
+
+def start_wandb(
+    output_dir: Path, project: str, name: str, mode: str, config: dict[str, Any]
+) -> Any:
+    """A W&B run writing under `output_dir`/wandb. Its id is kept in the run directory, so
+    that a resumed run continues the same W&B run."""
+    check_wandb()
+    import wandb
+
+    id_file = output_dir / "wandb-run-id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    run = wandb.init(
+        project=project,
+        name=name or output_dir.resolve().name,
+        dir=str(output_dir),
+        id=run_id,
+        resume="allow",
+        mode=mode or None,
+        config=config,
+    )
+    id_file.write_text(run.id + "\n")
+    return run
+
+
 class MetricsLogger:
     """Writes each logged step to `metrics.jsonl`, TensorBoard and the console.
 
@@ -153,6 +195,8 @@ class MetricsLogger:
         tensorboard: Also write TensorBoard event files.
         total_steps: Length of the progress bar / the "/N" of console lines.
         initial_step: Where a resumed run starts its progress bar.
+        wandb_run: A W&B run (`start_wandb`) that gets every logged step too, or None.
+        clock: Seconds, for the elapsed time and the ETA.
     """
 
     def __init__(
@@ -162,11 +206,18 @@ class MetricsLogger:
         tensorboard: bool = True,
         total_steps: int | None = None,
         initial_step: int = 0,
+        wandb_run: Any = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.history: list[dict[str, Any]] = []
-        self._start = time.perf_counter()
+        self._clock = clock
+        self._start = clock()
+        self._wandb = wandb_run
+        # The ETA's rate counts only this process's steps (a resumed run starts later).
+        self._rate_from: tuple[int, float] | None = None
+        self._last_eval: tuple[int, float] | None = None
         self._jsonl = self._writer = self._bar = None
         if not enabled:
             return
@@ -195,10 +246,33 @@ class MetricsLogger:
                 if value is not None:
                     self._writer.add_scalar(_tb_tag(key), value, step)
             self._writer.flush()
+        if self._wandb is not None:
+            shown = {_tb_tag(k): v for k, v in values.items() if v is not None}
+            self._wandb.log(shown, step=step)
         self._progress(step, values)
+
+    def _timing(self, step: int) -> list[str]:
+        """Elapsed time, and the ETA to total_steps at this process's pace so far."""
+        now = self._clock()
+        if self._rate_from is None:
+            self._rate_from = (step, now)
+        parts = [f"{_hms(now - self._start)} elapsed"]
+        first_step, first_time = self._rate_from
+        if self.total_steps and step > first_step:
+            per_step = (now - first_time) / (step - first_step)
+            parts.append(f"eta {_hms(per_step * max(self.total_steps - step, 0))}")
+        return parts
 
     def _progress(self, step: int, values: Mapping[str, Any]) -> None:
         parts = _console_parts(values)
+        if values.get("eval_loss") is not None:
+            self._last_eval = (step, values["eval_loss"])
+        elif "loss" in values:  # a step line: how far, and the last held-out loss
+            if values.get("tokens_seen") is not None:
+                parts.append(f"{_count(values['tokens_seen'])} tokens")
+            if self._last_eval is not None:
+                parts.append("last eval_loss {1:.3f} (step {0})".format(*self._last_eval))
+            parts += self._timing(step)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix_str(" | ".join(parts))
@@ -230,7 +304,7 @@ class MetricsLogger:
                 rows.append((f"final {key}", f"{series[-1]:.4f}"))
         mem_keys = sorted({key for row in self.history for key in row if key.startswith("mem_")})
         rows += [(f"peak {key}", f"{max(self._series(key)):.2f}") for key in mem_keys]
-        rows.append(("wall time", _hms(time.perf_counter() - self._start)))
+        rows.append(("wall time", _hms(self._clock() - self._start)))
         width = max(len(label) for label, _ in rows)
         return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
@@ -242,7 +316,9 @@ class MetricsLogger:
         for handle in (self._jsonl, self._writer, self._bar):
             if handle is not None:
                 handle.close()
-        self._jsonl = self._writer = self._bar = None
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._jsonl = self._writer = self._bar = self._wandb = None
 
 
 def _hms(seconds: float) -> str:

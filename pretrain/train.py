@@ -19,11 +19,11 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
-from pretrain.config import Config, ConfigError, load_config
+from pretrain.config import Config, ConfigError, load_config, to_dict
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine import checkpoint, pipeline, runtime
 from pretrain.errors import UserError, print_error
@@ -35,6 +35,7 @@ from pretrain.metrics import (
     matmul_peak,
     memory_stats,
     peak_tflops,
+    start_wandb,
     throughput,
 )
 from pretrain.model import SharedTransformer
@@ -102,7 +103,8 @@ class Trainer:
         self.skipped_in_row = 0
         self._resume()
         self.first_step = self.step
-        self.flops_per_token = account(cfg).flops_per_token
+        accounting = account(cfg)
+        self.flops_per_token = accounting.flops_per_token
         self.peak = self._peak_tflops()
         self.logger = MetricsLogger(
             self.out,
@@ -110,10 +112,26 @@ class Trainer:
             tensorboard=cfg.logging.tensorboard,
             total_steps=cfg.train.max_steps,
             initial_step=self.step,
+            wandb_run=self._start_wandb(accounting) if self.world.rank == 0 else None,
         )
         self._signal: int | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+
+    def _start_wandb(self, accounting) -> Any:
+        """A W&B run with the resolved config and the parameter counts (logging.wandb)."""
+        log = self.cfg.logging
+        if not log.wandb:
+            return None
+        params = {
+            "unique_params": accounting.unique_params,
+            "effective_params": accounting.effective_params,
+            "flops_per_token": accounting.flops_per_token,
+        }
+        config = {**to_dict(self.cfg), "params": params}
+        run = start_wandb(self.out, log.wandb_project, log.wandb_run_name, log.wandb_mode, config)
+        run.summary.update(params)
+        return run
 
     def _peak_tflops(self) -> float:
         """The MFU denominator: `logging.peak_tflops`, else the datasheet's, else measured."""
@@ -387,6 +405,7 @@ class Trainer:
         scale = runtime.current_loss_scale(self.engine) if fp16 else None
         return {
             **metrics,
+            "tokens_seen": self.consumed * self.cfg.data.seq_length,
             "lr": self.engine.get_lr()[0],
             "grad_norm": self.engine.get_global_grad_norm(),
             "loss_scale": scale,

@@ -12,6 +12,8 @@ import torch
 from helpers import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pretrain import metrics
+from pretrain.errors import UserError
 from pretrain.metrics import (
     PEAK_TFLOPS,
     PRECISIONS,
@@ -160,14 +162,22 @@ def test_disabled_logger_creates_nothing(tmp_path, capsys):
 
 
 def test_plain_progress_lines_when_not_a_tty(tmp_path, capsys):
-    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False, total_steps=100)
-    logger.log(20, {"loss": 6.1234, "lr": 1e-3, "tokens_per_s": 12345.4, "mfu": 0.4123})
-    logger.log(40, {"loss": 5.5, "lr": 9e-4, "mfu": None})
+    """Each step line: the metrics, tokens seen, the last held-out loss, elapsed time and
+    the ETA at this process's pace (none before a second step gives one)."""
+    clock = iter([0.0, 10.0, 20.0]).__next__
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False, total_steps=100, clock=clock)
+    metrics = {"lr": 1e-3, "tokens_per_s": 12345.4, "mfu": 0.4123, "tokens_seen": 1_310_720}
+    logger.log(20, {"loss": 6.1234, **metrics})
+    logger.log(20, {"eval_loss": 5.98765})
+    logger.log(40, {"loss": 5.5, "lr": 9e-4, "mfu": None, "tokens_seen": 2_621_440})
     logger.close()
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
-        "step 20/100 | loss 6.123 | lr 1.00e-03 | 12,345 tok/s | mfu 41.2%",
-        "step 40/100 | loss 5.500 | lr 9.00e-04",
+        "step 20/100 | loss 6.123 | lr 1.00e-03 | 12,345 tok/s | mfu 41.2% | 1.3M tokens"
+        " | 0:00:10 elapsed",
+        "step 20/100 | eval_loss 5.988",
+        "step 40/100 | loss 5.500 | lr 9.00e-04 | 2.6M tokens | last eval_loss 5.988 (step 20)"
+        " | 0:00:20 elapsed | eta 0:00:30",
     ]
 
 
@@ -223,3 +233,10 @@ def test_matmul_peak_is_a_measurement():
     """Where no datasheet knows the device (a CPU), MFU is taken against this measurement."""
     peak = matmul_peak(torch.device("cpu"), torch.float32, seconds=0.05)
     assert 0.001 < peak < 100  # TFLOP/s: any CPU lies between
+
+
+@pytest.mark.unit
+def test_wandb_without_the_package_is_one_line(monkeypatch):
+    monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="wandb package is not installed: pip install wandb"):
+        metrics.check_wandb()

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
+''':'  # bash: the no-op `:`. Python: a string, to the end of this script (see the bottom).
 # Pretrain with the deepspeed launcher on this machine, or on several with a hostfile.
 #
 #   bash launch/pretrain.sh CONFIG [--dotted.overrides ...]
+#   deepspeed [--num_gpus N] [--num_nodes N] [--hostfile F] launch/pretrain.sh CONFIG [...]
+#   bash launch/pretrain.sh --help     this text and every config key
 #
 # Environment:
 #   NUM_GPUS     processes per node (default: the hostfile's slots; without HOSTFILE,
@@ -12,8 +15,9 @@
 #   MASTER_PORT  rendezvous port (default: a free one; one busy here is an error)
 #   PYTHON       interpreter (default: the project's .venv, else python3)
 #
-# `deepspeed --no_python launch/pretrain.sh CONFIG` also works: started once per rank
-# (RANK and WORLD_SIZE set), the script runs the trainer directly.
+# Started by the deepspeed launcher (`deepspeed launch/pretrain.sh CONFIG`, with or without
+# --no_python), once per rank with RANK and WORLD_SIZE set, the script runs the trainer
+# directly; the launcher's own flags pick the ranks and nodes.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,8 +31,16 @@ for arg in "$@"; do
     *) args+=("$arg") ;;
   esac
 done
+case "${args[0]:-}" in
+  -h|--help)
+    # The comment block above, then the config reference from the dataclasses.
+    awk 'NR > 2 && /^#/ { sub(/^# ?/, ""); print; next } NR > 2 { exit }' "${BASH_SOURCE[0]}"
+    echo
+    exec "$python" -m pretrain config --help
+    ;;
+esac
 if [ ${#args[@]} -lt 1 ]; then
-  echo "usage: bash launch/pretrain.sh CONFIG [--dotted.overrides ...]" >&2
+  echo "usage: bash launch/pretrain.sh CONFIG [--dotted.overrides ...] (--help: every key)" >&2
   exit 2
 fi
 config=${args[0]}
@@ -115,3 +127,15 @@ while :; do
   kill -0 "$child" 2>/dev/null || break
 done
 exit "$status"
+
+# The deepspeed launcher runs its script as `python -u launch/pretrain.sh ...` unless given
+# --no_python. Python reads everything from line 2 to here as one string, then runs the lines
+# below, which hand this file to bash with the same arguments. Bash never gets here (the
+# script has exited) and parses them as a heredoc it discards.
+: <<'PYTHON'
+'''
+import os
+import sys
+
+os.execvp("bash", ["bash", *sys.argv])
+PYTHON

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from importlib.metadata import version
 
 import pytest
 from helpers import REPO, env, losses, run_process
+
+from pretrain.config.reference import config_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -94,3 +97,21 @@ def compare_with_golden(got: dict[int, float]) -> None:
         f"losses off the golden ones by more than {TOLERANCE} (step: (now, golden)): {off};"
         f" package versions (golden, now) that differ: {versions or 'none'}"
     )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["bash", "launch/pretrain.sh", "--help"],
+        [sys.executable, "launch/pretrain.sh", "--help"],  # as the deepspeed launcher runs it
+        ["bash", "launch/pretrain.sbatch", "--help"],
+    ],
+    ids=["script", "script-as-python", "sbatch"],
+)
+def test_launcher_help_shows_usage_and_every_config_key(command):
+    result = run_process(command, env=env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    usage = "launch/pretrain.sbatch CONFIG" if "sbatch" in command[1] else "launch/pretrain.sh"
+    assert usage in result.stdout
+    for key in config_keys():
+        assert f"  {key.name}: {key.type} = " in result.stdout, key.name

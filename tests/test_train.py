@@ -78,6 +78,21 @@ def test_exact_resume(straight, shards_dir, tmp_path, stage):
     assert losses(out) == losses(straight[stage])
 
 
+def test_the_literal_deepspeed_command_trains_as_the_script_does(straight, shards_dir, tmp_path):
+    """`deepspeed --num_gpus 2 launch/pretrain.sh CONFIG ...`, as users type it: the launcher
+    runs the script with Python on each rank, and the script hands itself to bash."""
+    out = tmp_path / "run"
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    command = [
+        *(str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port())),
+        *launch_args("tiny-albert.yaml", shards_dir, out)[1:],  # without `bash`
+        f"--train.max_steps={STEPS}",
+    ]
+    result = run_process(command, env=env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(out) == losses(straight[2])  # the default stage, on 2 ranks alike
+
+
 ACCUMULATE = [
     "--engine.micro_batch_size=2",
     "--engine.grad_accum_steps=2",

@@ -9,12 +9,15 @@ import sys
 import pytest
 import torch
 import transformers
-from helpers import REPO, env, launch_args, run_process, tiny_hf_config, train
+import yaml
+from helpers import BASE, REPO, env, launch_args, run_process, tiny_hf_config, train
 
+from pretrain.config import load_config
 from pretrain.engine.checkpoint import write_manifest
 from pretrain.export.checkpoint import read_checkpoint
 from pretrain.export.hf import save_hf
 from pretrain.export.native import load_model, save_native
+from pretrain.summary import account
 
 transformers.logging.set_verbosity_error()
 TOL = 1e-5
@@ -154,6 +157,29 @@ def test_cli_verify_and_notes(checkpoints, tmp_path):
     assert "unrolled into 4 groups" in result.stdout
     diff = float(re.search(r"max \|logit diff\| = (\S+)", result.stdout).group(1))
     assert diff <= TOL
+    check_model_card(checkpoints["cycle"], tmp_path / "hf")
+
+
+def check_model_card(run, folder) -> None:
+    """The export's README.md: the Hub's YAML header, then the run's own figures."""
+    text = (folder / "README.md").read_text()
+    _, header, body = text.split("---\n", 2)
+    meta = yaml.safe_load(header)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "fill-mask"
+    assert meta["license"] == "apache-2.0"
+    assert {"albert", "cross-layer-parameter-sharing"} <= set(meta["tags"])
+    cfg = load_config(REPO / "configs" / "tiny-albert.yaml", [*BASE, *RUNS["cycle"][2]])
+    acc = account(cfg)
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", body, re.M))
+    assert rows["sharing plan"] == "cycle M=2 scope=block"
+    assert rows["unique parameters"] == f"{acc.unique_params:,}"
+    assert rows["effective parameters"].startswith(f"{acc.effective_params:,} ")
+    assert rows["steps"] == "2"
+    assert rows["training tokens"].startswith(f"{2 * 2 * 4 * 48:,} ")  # steps x ranks x batch x T
+    assert rows["final training loss"] == f"{last['loss']:.4f}"
+    assert rows["vocabulary"] == "150 pieces"
+    assert f'AutoModelForMaskedLM.from_pretrained("{folder}")' in body
 
 
 @pytest.mark.parity

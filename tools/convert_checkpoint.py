@@ -27,6 +27,7 @@ from pretrain.config import ModelConfig, SharingConfig, from_dict
 from pretrain.data.tokenizer import MODEL_FILE
 from pretrain.errors import UserError, main_guard
 from pretrain.export import hf, native
+from pretrain.export.card import CARD, LICENSE, RunFacts
 from pretrain.export.checkpoint import read_trained
 from pretrain.export.verify import max_logit_diff
 from pretrain.model import SharedTransformer
@@ -76,7 +77,9 @@ def export(args) -> int:
     else:
         for note in hf.export_notes(trained.cfg):
             print(note)
-        hf.save_hf(trained.state, trained.cfg, tokenizer, args.output)
+        facts = RunFacts.from_checkpoint(trained.where) if trained.is_checkpoint else None
+        hf.save_hf(trained.state, trained.cfg, tokenizer, args.output, facts, args.license)
+        print(f"wrote the model card {args.output / CARD}")
     print(f"wrote {args.format} model to {args.output}")
     if args.verify:
         report_verify(trained.state, trained.cfg, args.output, args.format)
@@ -116,6 +119,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--format", choices=("native", "hf"), required=True)
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--verify", action="store_true", help="compare logits after writing")
+    parser.add_argument(
+        "--license", default=LICENSE, help=f"the model card's license (default: {LICENSE})"
+    )
     parser.add_argument(
         "--share",
         help="with --from-hf: compress into a sharing plan (model.sharing keys), e.g."

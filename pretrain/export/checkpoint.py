@@ -30,6 +30,8 @@ class TrainedModel:
     cfg: ModelConfig
     tokenizer_dir: Path
     where: str
+    is_checkpoint: bool = False
+    """Read from a training checkpoint (`where` is its tag folder), not an export."""
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -104,7 +106,7 @@ def read_checkpoint(
     state = pipeline_state_dict(folder / tag, cfg) or fp32_state_dict(folder, tag)
     state = model_weights(state)
     check_state(state, SharedTransformer(cfg), where)
-    return TrainedModel(state, cfg, tokenizer_dir, where)
+    return TrainedModel(state, cfg, tokenizer_dir, where, is_checkpoint=True)
 
 
 def read_native(path: str | Path, tokenizer: str | Path | None = None) -> TrainedModel:

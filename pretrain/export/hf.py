@@ -29,6 +29,7 @@ from pretrain.config import ModelConfig
 from pretrain.data.tokenizer import INFO_FILE, MODEL_FILE, SPECIAL_PIECES
 from pretrain.errors import UserError
 from pretrain.export import hf_albert, hf_bert, hf_llama
+from pretrain.export.card import LICENSE, RunFacts, model_card, write_card
 from pretrain.export.common import State
 from pretrain.export.verify import max_logit_diff
 from pretrain.model import ModelOutput, SharedTransformer
@@ -235,14 +236,22 @@ def hf_model(state: dict[str, torch.Tensor], cfg: ModelConfig):
 
 
 def save_hf(
-    state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer_dir: str | Path, output: str | Path
+    state: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    tokenizer_dir: str | Path,
+    output: str | Path,
+    facts: RunFacts | None = None,
+    license: str = LICENSE,
 ):
-    """Write an HF model folder (weights, config, tokenizer); returns the HF model."""
+    """Write an HF model folder (weights, config, tokenizer, and a model card with what
+    `facts` says of the training run); returns the HF model."""
     model = hf_model(state, cfg)
     fmt = format_for_family(cfg.family)
     tokenizer = fmt.tokenizer(Path(tokenizer_dir), cfg.max_position_embeddings)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
+    card = model_card(cfg, tokenizer_dir, facts, str(output), license, type(model).__name__)
+    write_card(output, card)
     return model.eval()
 
 

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pretrain.config import Config, from_dict, load_config
+from pretrain.config import Config
 from pretrain.data.tokenizer import MODEL_FILE, file_checksum
 from pretrain.errors import UserError, main_guard
 from pretrain.export import compressed
@@ -64,8 +64,9 @@ def report_config(
             raise UserError("--data, --config and overrides choose the report's data: drop them")
         return None
     if args.config or args.data:
-        extra = [f"--data.path={args.data}"] if args.data else []
-        return load_config(args.config, [*overrides, *extra])
+        from pretrain.report import eval_config
+
+        return eval_config(args.config, args.data, overrides)
     if overrides:
         raise UserError(f"{overrides[0]}: overrides apply to --data or --config; pass one")
     if _is_native(Path(args.source)):
@@ -73,10 +74,7 @@ def report_config(
             f"SOURCE {args.source} is an export and carries no data to evaluate on; pass"
             " --data PATH (preprocessed shards) or --config CONFIG, or --no-report"
         )
-    from pretrain.engine.checkpoint import read_run_state
-
-    tag = Path(trained.where)  # folder/tag of the checkpoint read
-    return from_dict(Config, read_run_state(tag.parent, tag.name)["config"])
+    return trained.run_config
 
 
 def check_report_data(cfg: Config, trained: TrainedModel, eval_batches: int) -> None:

@@ -46,7 +46,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
-from pretrain.config import Config, ModelConfig, from_dict, load_config
+from pretrain.config import Config, ModelConfig, load_config
 from pretrain.data.baseline import token_counts, unigram_baseline
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.data.masking import IGNORE_INDEX
@@ -188,14 +188,6 @@ def _build(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> Shar
     return model.eval()
 
 
-def _run_config(where: str) -> Config:
-    """The full config a checkpoint was trained with (`where` is its folder/tag)."""
-    from pretrain.engine.checkpoint import read_run_state
-
-    tag = Path(where)
-    return from_dict(Config, read_run_state(tag.parent, tag.name)["config"])
-
-
 def load_for_report(path: str | Path, tokenizer: str | Path | None = None) -> Loaded:
     """Any model folder the stack reads, in eval mode on CPU, with its size on disk.
 
@@ -219,7 +211,7 @@ def load_for_report(path: str | Path, tokenizer: str | Path | None = None) -> Lo
         else:  # what `export --format native` would write of its fp32 weights
             state = {k: v.contiguous() for k, v in trained.state.items()}
             disk = len(safetensors_bytes(state, {"format": native.FORMAT}))
-            run_cfg = _run_config(trained.where)
+            run_cfg = trained.run_config
             checksum = file_checksum(trained.tokenizer_dir / MODEL_FILE)
     return Loaded(
         model=model,
@@ -372,6 +364,12 @@ def measure(
     }
 
 
+def eval_config(config: str | None, data: str | None, overrides: list[str]) -> Config:
+    """The evaluation config of --config and --data, with dotted overrides."""
+    extra = [f"--data.path={data}"] if data else []
+    return load_config(config, [*overrides, *extra])
+
+
 def _config_for(loaded: Loaded, cfg: Config | None) -> Config:
     if cfg is not None:
         return cfg
@@ -449,8 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     cfg = None
     if args.config or args.data:
-        extra = [f"--data.path={args.data}"] if args.data else []
-        cfg = load_config(args.config, [*overrides, *extra])
+        cfg = eval_config(args.config, args.data, overrides)
     elif overrides:
         raise UserError(
             f"{' '.join(overrides)}: dotted overrides change the evaluation config; pass them"

@@ -77,7 +77,8 @@ def export(args) -> int:
     else:
         for note in hf.export_notes(trained.cfg):
             print(note)
-        facts = RunFacts.from_checkpoint(trained.where) if trained.is_checkpoint else None
+        run = trained.run_state
+        facts = None if run is None else RunFacts.from_run(run, trained.where)
         hf.save_hf(trained.state, trained.cfg, tokenizer, args.output, facts, args.license)
         print(f"wrote the model card {args.output / CARD}")
     print(f"wrote {args.format} model to {args.output}")

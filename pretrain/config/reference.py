@@ -132,6 +132,7 @@ def help_text() -> str:
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config tree as dotted keys: {"optim": {"lr": 1}} -> {"optim.lr": 1}."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):

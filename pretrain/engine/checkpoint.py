@@ -55,6 +55,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from pretrain.config import Config, ConfigError, to_dict
+from pretrain.config.reference import flat
 from pretrain.engine.runtime import barrier, broadcast_object
 from pretrain.errors import UserError
 
@@ -277,23 +278,13 @@ class ResumeError(ConfigError):
     collective = True
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 SCHEDULE_KEYS = ("optim.lr", "optim.warmup_steps", "optim.decay", "optim.min_lr_ratio")
 
 
 def schedule_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
     """(key, saved value, value now) of each LR-schedule setting this run changes.
     max_steps shapes the schedule only when it decays."""
-    before, now = _flatten(saved["config"]), _flatten(cfg.to_dict())
+    before, now = flat(saved["config"]), flat(cfg.to_dict())
     keys = list(SCHEDULE_KEYS)
     if cfg.optim.decay != "constant" or before["optim.decay"] != "constant":
         keys.append("train.max_steps")
@@ -306,8 +297,8 @@ def check_resumable(
     """A checkpoint continues only the same model on the same tokenizer, and its LR
     schedule unless asked to re-plan it; on another layout (ranks, ZeRO stage, precision)
     only where DeepSpeed can reshard it. Returns the schedule changes allowed."""
-    now = _flatten(to_dict(cfg.model), "model.")
-    before = _flatten(saved["config"]["model"], "model.")
+    now = flat(to_dict(cfg.model), "model.")
+    before = flat(saved["config"]["model"], "model.")
     changed = [k for k in sorted(now) if before.get(k) != now[k]]
     if changed:
         k = changed[0]

@@ -38,12 +38,9 @@ class RunFacts:
     datasets: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_checkpoint(cls, where: str | Path) -> RunFacts:
-        """`where`: a checkpoint tag folder (run/checkpoints/stepNNN)."""
-        from pretrain.engine.checkpoint import read_run_state
-
+    def from_run(cls, state: dict, where: str | Path) -> RunFacts:
+        """`state`: the run state of the checkpoint at `where` (run/checkpoints/stepNNN)."""
         tag = Path(where)
-        state = read_run_state(tag.parent, tag.name)
         cfg = from_dict(Config, state["config"])
         facts = cls(
             config=cfg,

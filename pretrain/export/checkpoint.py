@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pretrain.config import ModelConfig, from_dict
+from pretrain.config import Config, ModelConfig, from_dict
 from pretrain.data.tokenizer import MODEL_FILE, Tokenizer
 from pretrain.errors import UserError
 from pretrain.export.native import CONFIG, TOKENIZER, WEIGHTS, check_state, load_config
@@ -30,8 +30,14 @@ class TrainedModel:
     cfg: ModelConfig
     tokenizer_dir: Path
     where: str
-    is_checkpoint: bool = False
-    """Read from a training checkpoint (`where` is its tag folder), not an export."""
+    run_state: dict | None = None
+    """The run state of the training checkpoint it was read from (step, consumed samples,
+    the run's whole config); None for an export."""
+
+    @property
+    def run_config(self) -> Config | None:
+        """The config the checkpoint's run trained with; None for an export."""
+        return None if self.run_state is None else from_dict(Config, self.run_state["config"])
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -106,7 +112,7 @@ def read_checkpoint(
     state = pipeline_state_dict(folder / tag, cfg) or fp32_state_dict(folder, tag)
     state = model_weights(state)
     check_state(state, SharedTransformer(cfg), where)
-    return TrainedModel(state, cfg, tokenizer_dir, where, is_checkpoint=True)
+    return TrainedModel(state, cfg, tokenizer_dir, where, run_state)
 
 
 def read_native(path: str | Path, tokenizer: str | Path | None = None) -> TrainedModel:

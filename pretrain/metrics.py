@@ -42,7 +42,6 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "MI300X": {"bf16": 1307.4, "fp16": 1307.4, "fp32": 163.4},
 }
 PRECISIONS = ("bf16", "fp16", "fp32")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _GIB = 2**30
 
 
@@ -67,27 +66,6 @@ def peak_tflops(device_name: str, precision: str, override: float | None = None)
     if not matches:
         return None
     return PEAK_TFLOPS[max(matches, key=len)].get(precision)
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """TFLOP/s of a large square matmul on `device`, measured now: the peak MFU is taken
-    against where no datasheet figure exists (CPUs), and a check of the datasheet on GPUs.
-    On a CPU shared by several ranks, each measures while the others do, so the figure is
-    what one rank can get."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    iters, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        iters += 1
-        if iters % 8 == 0:  # bound the queue of launched kernels on CUDA
-            sync(device)
-    sync(device)
-    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
 
 
 def sync(device: torch.device) -> None:

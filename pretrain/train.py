@@ -11,6 +11,7 @@ run whose output_dir holds checkpoints resumes from the latest one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -29,10 +30,9 @@ from pretrain.engine import checkpoint, pipeline, runtime
 from pretrain.errors import UserError, print_error
 from pretrain.export import native
 from pretrain.export.teacher import TeacherSource, describe_teacher, load_teacher
+from pretrain.hardware import DTYPES
 from pretrain.metrics import (
-    DTYPES,
     MetricsLogger,
-    matmul_peak,
     memory_stats,
     peak_tflops,
     start_wandb,
@@ -79,7 +79,7 @@ class Trainer:
             raise
 
     def _build(self) -> None:
-        cfg = self.cfg
+        cfg = self.cfg = self._resolve_precision(self.cfg)
         torch.manual_seed(cfg.train.seed)
         self.out = Path(cfg.train.output_dir)
         check_output_dir(self.out)
@@ -133,14 +133,25 @@ class Trainer:
         run.summary.update(params)
         return run
 
+    def _resolve_precision(self, cfg: Config) -> Config:
+        """`cfg` with engine.precision as it runs here (auto resolved), which is what the
+        checkpoints record; one line says what auto chose, or why an explicit bf16 is slow."""
+        choice = runtime.resolve_precision(cfg.engine.precision, self.world)
+        if choice.message:
+            self._print(choice.message)
+        engine = dataclasses.replace(cfg.engine, precision=choice.precision)
+        return dataclasses.replace(cfg, engine=engine)
+
     def _peak_tflops(self) -> float:
-        """The MFU denominator: `logging.peak_tflops`, else the datasheet's, else measured."""
+        """The MFU denominator, in the dtype the model's matmuls run in: `logging.peak_tflops`,
+        else the datasheet's, else a matmul peak measured once per host (rank 0 alone)."""
         precision = self.cfg.engine.precision
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         peak = peak_tflops(device_name, precision, self.cfg.logging.peak_tflops)
         if peak is None:
-            peak = matmul_peak(self.world.device, DTYPES[precision], seconds=0.25)
-            self._print(f"MFU against a measured {precision} matmul peak of {peak:.3g} TFLOP/s")
+            measured = runtime.measured_peak(precision, self.world)
+            self._print(f"MFU against the {measured.describe()}")
+            peak = measured.tflops
         return peak
 
     def _init_from(self, model: SharedTransformer, directory: str) -> None:

@@ -66,6 +66,7 @@ def config(family: str, plan: str, zero: int, stages: int, accum: int) -> Config
         grad_accum_steps=accum,
         pipeline_stages=stages,
         comms_logger=True,
+        precision="fp32",
     )
     model = tiny_config(family, sharing=PLANS[plan], sop_head=False)
     return Config(model=model, data=DataConfig(seq_length=T), optim=OPTIM, engine=engine)

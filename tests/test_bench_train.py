@@ -38,6 +38,32 @@ def test_ours_and_the_reference_train_the_same_model(cli, config):
         )
 
 
+@pytest.mark.parity
+def test_both_precisions_in_one_table(cli):
+    result = cli(
+        "tools/bench_train.py",
+        "tiny-albert",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--precision",
+        "both",
+        "--threads",
+        "1",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(result.stdout.splitlines()[-1])
+    assert sorted(r) == ["bf16", "fp32"] and r["bf16"]["precision"] == "bf16"
+    lines = result.stdout.splitlines()
+    rows = [line.split()[:2] for line in lines if line.split()[:1] == ["ours"]]
+    assert [row for row in rows if row[1] != "/"] == [["ours", "fp32"], ["ours", "bf16"]]
+    speedup = r["bf16"]["ours"]["tokens_per_s"] / r["fp32"]["ours"]["tokens_per_s"]
+    assert f"ours, bf16 / fp32: {speedup:.2f}x" in result.stdout
+    assert result.stdout.startswith(f"{r['fp32']['config']}: albert, B 8 x T 64, cpu (")
+
+
 @pytest.mark.distributed
 def test_engine_mode_times_the_real_path(cli, shards_dir):
     r = bench(
@@ -57,8 +83,10 @@ def test_engine_mode_times_the_real_path(cli, shards_dir):
     assert e["engine_tokens_per_s"] > 0 and e["bare_tokens_per_s"] > 0
     assert e["overhead"] == pytest.approx(e["bare_tokens_per_s"] / e["engine_tokens_per_s"] - 1)
     # The MFU the trainer logs is the bench's own figure: same FLOPs, same (measured) peak.
-    assert e["logged_peak_tflops"] > 0
-    assert 0 < e["logged_mfu"] == pytest.approx(e["mfu"], rel=1e-9)
+    assert e["logged_peak_tflops"] == r["peak_tflops"]["measured_matmul"][r["precision"]] > 0
+    assert 0 < e["logged_mfu"] <= 1.0
+    assert e["logged_mfu"] == pytest.approx(e["mfu"], rel=1e-9)
+    assert r["device"].startswith("cpu (")  # the CPU class: AVX2, AVX512-BF16, AMX, ...
 
 
 @pytest.mark.e2e

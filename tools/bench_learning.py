@@ -1,7 +1,7 @@
 """Learning A/B: our model against Hugging Face ALBERT on the same batches.
 
     python tools/bench_learning.py [CONFIG] [--dotted.overrides] [--steps N] [--every K]
-        [--ranks R] [--precision bf16|fp32] [--no-reference] [--json]
+        [--ranks R] [--precision auto|bf16|fp32] [--no-reference] [--json]
 
 Trains our albert-family model and Hugging Face `AlbertForPreTraining` (or
 `AlbertForMaskedLM` without an SOP head) of the same dimensions, starting from the same
@@ -37,6 +37,7 @@ from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine.optim import build_optimizer, build_scheduler
 from pretrain.errors import main_guard
 from pretrain.export.hf import HFReference, hf_model
+from pretrain.hardware import choose_precision
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, mlm_loss, model_inputs
 
@@ -50,7 +51,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--steps", type=int, help="optimizer steps (default train.max_steps)")
     parser.add_argument("--every", type=int, help="evaluate every K steps (default steps/10)")
     parser.add_argument("--ranks", type=int, default=2, help="data-parallel ranks emulated")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), help="default: the config's")
+    parser.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"), help="default: the config's"
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--no-reference", action="store_true", help="train only our model")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
@@ -120,7 +123,10 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
     batch = e.micro_batch_size * e.grad_accum_steps * args.ranks
     eval_batches = held_out(cfg, e.micro_batch_size * args.ranks)
     baseline = held_out_baseline(cfg, cfg.train.eval_steps * e.micro_batch_size * args.ranks)
-    bf16 = (args.precision or cfg.engine.precision) == "bf16"
+    choice = choose_precision(args.precision or cfg.engine.precision, torch.device("cpu"))
+    if choice.message:
+        print(choice.message, file=sys.stderr)
+    bf16 = choice.precision == "bf16"
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()

@@ -1,7 +1,7 @@
 """Train-step throughput: our model against the Hugging Face reference, side by side.
 
     python tools/bench_train.py CONFIG [--dotted.overrides] [--steps N] [--warmup N]
-        [--precision bf16|fp32] [--device cpu|cuda] [--threads N] [--engine]
+        [--precision auto|bf16|fp32|both] [--device cpu|cuda] [--threads N] [--engine]
         [--no-reference] [--fit-batch] [--json]
 
 CONFIG is a YAML file or the name of one in configs/ (`demo`, `albert-base`, `llama-small`).
@@ -15,8 +15,11 @@ AdamW update, on the same synthetic batch (no padding; ALBERT's samples mostly f
 sequence). The two are interleaved step by step after warm-up, in alternating order, so a
 slow stretch of the machine hits both. Printed per model: tokens/s (median step), peak
 memory, achieved TFLOP/s from our FLOP accounting (every application of a shared layer
-counts), and MFU against the datasheet peak (when the device has one) and against a matmul
-peak measured on the spot.
+counts), and MFU against the datasheet peak (when the device has one) and against the matmul
+peak of the step's dtype measured once per host (the trainer's own MFU denominator, from the
+same cache). The device line names the CPU class (AVX2, AVX512, AVX512-BF16, AMX, ...);
+`--precision auto` (the shipped configs' setting) picks what the trainer would, and says why;
+`--precision both` times fp32 and bf16 and prints them in one table.
 
 `--engine` also times the real path: our DeepSpeed engine on one rank, fed by the real
 loader from `data.path`, against the bare step of the same model on the same batches; the
@@ -26,6 +29,7 @@ difference is the engine's overhead.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import statistics
@@ -43,7 +47,8 @@ from pretrain.data.masking import IGNORE_INDEX
 from pretrain.engine.optim import build_optimizer
 from pretrain.errors import main_guard
 from pretrain.export.hf import HFReference, hf_model
-from pretrain.metrics import matmul_peak, peak_tflops, sync, throughput
+from pretrain.hardware import cached_peak, choose_precision, device_name
+from pretrain.metrics import peak_tflops, sync, throughput
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, model_inputs
 from pretrain.summary import account
@@ -57,7 +62,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("config", help="YAML config, or a name in configs/ (e.g. demo)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), help="default: the config's")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32", "both"),
+        help="default: the config's; both: fp32 and bf16 side by side",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if present")
     parser.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     parser.add_argument("--engine", action="store_true", help="also time the real engine path")
@@ -191,13 +200,6 @@ def run_interleaved(timed: list[Timed], batch: dict, warmup: int, steps: int) ->
             t.step(batch, record=i >= warmup)
 
 
-# -- peaks -------------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 # -- the engine path ---------------------------------------------------------------------
 
 
@@ -264,10 +266,7 @@ def report(cfg: Config, args: argparse.Namespace, device: torch.device, precisio
             t.measure_cpu_memory(batch)
     flops_per_token = account(cfg).flops_per_token
     datasheet = peak_tflops(device_name(device), precision, cfg.logging.peak_tflops)
-    measured = {
-        "bf16": matmul_peak(device, torch.bfloat16),
-        "fp32": matmul_peak(device, torch.float32),
-    }
+    measured = {p: cached_peak(device, p).tflops for p in ("bf16", "fp32")}
     result: dict = {
         "config": str(args.config),
         "family": cfg.model.family,
@@ -310,44 +309,68 @@ def _fmt(value: float | None, spec: str) -> str:
     return format(value, spec.rstrip("%")) + ("%" if spec.endswith("%") else "")
 
 
-def print_table(r: dict, write: Callable[[str], None] = print) -> None:
-    peaks = r["peak_tflops"]
+def print_table(results: list[dict], write: Callable[[str], None] = print) -> None:
+    """One table of the runs in `results` (one per precision), the same config and device."""
+    r = results[0]
     write(
-        f"{r['config']}: {r['family']}, B {r['batch']} x T {r['seq_length']}, {r['precision']},"
+        f"{r['config']}: {r['family']}, B {r['batch']} x T {r['seq_length']},"
         f" {r['device']}" + (f", {r['threads']} threads" if r["threads"] else "")
     )
+    peaks = r["peak_tflops"]
     write(
         f"FLOPs per token (ours, effective): {r['flops_per_token'] / 1e6:.1f} M;"
         f" peak TFLOP/s: datasheet {_fmt(peaks['datasheet'], '.1f')},"
-        f" measured matmul bf16 {peaks['measured_matmul']['bf16']:.2f}"
-        f" / fp32 {peaks['measured_matmul']['fp32']:.2f}"
+        f" measured matmul bf16 {peaks['measured_matmul']['bf16']:.3g}"
+        f" / fp32 {peaks['measured_matmul']['fp32']:.3g}"
     )
     write(
-        f"{'model':<10} {'tokens/s':>10} {'step ms':>9} {'memory GiB':>11} {'TFLOP/s':>8}"
-        f" {'MFU':>7} {'MFU (matmul)':>13}"
+        f"{'model':<10} {'precision':<9} {'tokens/s':>10} {'step ms':>9} {'memory GiB':>11}"
+        f" {'TFLOP/s':>8} {'MFU':>7} {'MFU (matmul)':>13}"
     )
-    for name in ("ours", "reference"):
-        if name not in r:
-            continue
-        m = r[name]
-        write(
-            f"{name:<10} {m['tokens_per_s']:>10,.0f} {m['step_ms']:>9.1f}"
-            f" {m['peak_memory_gib']:>11.3f} {m['tflops']:>8.3f}"
-            f" {_fmt(m['mfu'] and 100 * m['mfu'], '.1f%'):>7}"
-            f" {100 * m['mfu_measured']:>12.1f}%"
+    for r in results:
+        for name in ("ours", "reference"):
+            if name not in r:
+                continue
+            m = r[name]
+            write(
+                f"{name:<10} {r['precision']:<9} {m['tokens_per_s']:>10,.0f} {m['step_ms']:>9.1f}"
+                f" {m['peak_memory_gib']:>11.3f} {m['tflops']:>8.3f}"
+                f" {_fmt(m['mfu'] and 100 * m['mfu'], '.1f%'):>7}"
+                f" {100 * m['mfu_measured']:>12.1f}%"
+            )
+    for r in results:
+        if "ratio" in r:
+            write(f"ours / reference, {r['precision']}: {r['ratio']:.2f}x")
+    if len(results) == 2:
+        fp32, bf16 = (next(r for r in results if r["precision"] == p) for p in ("fp32", "bf16"))
+        speedup = bf16["ours"]["tokens_per_s"] / fp32["ours"]["tokens_per_s"]
+        write(f"ours, bf16 / fp32: {speedup:.2f}x")
+    for r in results:
+        if "engine" in r:
+            e = r["engine"]
+            write(
+                f"engine path, {r['precision']}: {e['engine_tokens_per_s']:,.0f} tokens/s against"
+                f" a bare step's {e['bare_tokens_per_s']:,.0f}: overhead {100 * e['overhead']:.1f}%"
+            )
+            write(
+                f"engine MFU: {100 * e['mfu']:.1f}% by this bench, {100 * e['logged_mfu']:.1f}%"
+                f" as the trainer logs it (peak {e['logged_peak_tflops']:.3g} TFLOP/s)"
+            )
+
+
+def bench_precisions(requested: str, device: torch.device) -> list[str]:
+    """The precisions to time: both, or what the trainer would run (auto resolved, and the
+    line saying why)."""
+    if requested == "both":
+        return ["fp32", "bf16"]
+    choice = choose_precision(requested, device)
+    if choice.message:
+        print(choice.message, file=sys.stderr)
+    if choice.precision not in ("bf16", "fp32"):
+        raise ConfigError(
+            f"bench precision {choice.precision!r} (from {requested}): use --precision bf16 or fp32"
         )
-    if "ratio" in r:
-        write(f"ours / reference: {r['ratio']:.2f}x")
-    if "engine" in r:
-        e = r["engine"]
-        write(
-            f"engine path: {e['engine_tokens_per_s']:,.0f} tokens/s against a bare step's"
-            f" {e['bare_tokens_per_s']:,.0f}: overhead {100 * e['overhead']:.1f}%"
-        )
-        write(
-            f"engine MFU: {100 * e['mfu']:.1f}% by this bench, {100 * e['logged_mfu']:.1f}% as"
-            f" the trainer logs it (peak {e['logged_peak_tflops']:.3g} TFLOP/s)"
-        )
+    return [choice.precision]
 
 
 def report_fitting(cfg: Config, args: argparse.Namespace, device, precision: str) -> dict:
@@ -377,13 +400,15 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    precision = args.precision or cfg.engine.precision
-    if precision not in ("bf16", "fp32"):
-        raise ConfigError(f"bench precision {precision!r}: use --precision bf16 or fp32")
-    result = report_fitting(cfg, args, device, precision)
-    print_table(result)
+    results = []
+    for precision in bench_precisions(args.precision or cfg.engine.precision, device):
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.engine.precision = precision  # the engine path runs what is timed bare
+        results.append(report_fitting(run_cfg, args, device, precision))
+    print_table(results)
     if args.json:
-        print(json.dumps(result))
+        one = len(results) == 1
+        print(json.dumps(results[0] if one else {r["precision"]: r for r in results}))
     return 0
 
 

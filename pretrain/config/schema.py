@@ -394,8 +394,11 @@ class EngineConfig(Section):
 
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Training precision; bf16 and fp16 keep fp32 master weights."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Training precision; bf16 and fp16 keep fp32 master weights. auto: bf16 on GPUs that
+    have it, else fp16; on CPUs bf16 only where its matmuls are native (AMX, AVX-512-BF16,
+    Arm BF16) and measured faster than fp32's, else fp32. The log says which ran and why;
+    checkpoints record it."""
     micro_batch_size: int = bounded(8, ge=1)
     """Samples per rank per forward pass."""
     grad_accum_steps: int = bounded(1, ge=1)

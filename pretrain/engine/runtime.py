@@ -16,6 +16,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import set_z3_leaf_modules_by_name
 from torch import nn
 
+from pretrain import hardware
 from pretrain.config import Config, ConfigError
 from pretrain.engine.ds_config import build_ds_config
 from pretrain.engine.optim import Lamb, build_optimizer, build_scheduler
@@ -71,6 +72,20 @@ def init_distributed() -> World:
     return World(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
+def resolve_precision(requested: str, world: World) -> hardware.PrecisionChoice:
+    """`engine.precision` as this run will run it (auto resolved): rank 0 decides, timing
+    matmuls while the others wait, and every rank gets its choice."""
+    choice = hardware.choose_precision(requested, world.device) if world.rank == 0 else None
+    return broadcast_object(choice)
+
+
+def measured_peak(precision: str, world: World) -> hardware.Peak:
+    """The matmul peak of `precision` for MFU: measured (or read from the host's cache) by
+    rank 0 alone, so no other rank competes for the cores while it is timed."""
+    peak = hardware.cached_peak(world.device, precision) if world.rank == 0 else None
+    return broadcast_object(peak)
+
+
 class PrecisionError(ConfigError):
     """A precision the machine's accelerator cannot run (every rank has the same kind)."""
 
@@ -80,6 +95,8 @@ class PrecisionError(ConfigError):
 def check_precision(precision: str) -> None:
     """`engine.precision` runs on this machine's accelerator, or one line says what does
     (DeepSpeed would stop every rank with a traceback: fp16 on CPUs)."""
+    if precision == "auto":
+        raise ValueError("engine.precision=auto must be resolved first (resolve_precision)")
     accelerator = get_accelerator()
     supported = {
         "fp32": True,

@@ -1,0 +1,244 @@
+"""What this machine computes fast: its CPU class, matmul peaks measured once per host and
+kept in a cache, and the precision `engine.precision: auto` resolves to.
+
+Nothing here knows about distribution: the engine has rank 0 measure while the other ranks
+wait, and hands them its result (engine/runtime.py), so that a peak is never measured by
+ranks competing for the same cores and every rank runs the same precision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# CPU classes whose bf16 matmuls run on native instructions (not emulated through fp32).
+NATIVE_BF16 = ("AMX", "AVX512-BF16", "Arm BF16")
+
+# Square sizes the peak is searched over. Small ones matter: where bf16 is emulated, a
+# 128-wide product runs several times faster than a 1024-wide one, and a peak taken at
+# 1024 alone lies below what the model's own matmuls reach (an MFU over 100 %).
+_CPU_SIZES = (128, 256, 512, 1024)
+_CUDA_SIZES = (4096, 8192)
+_RUN_SECONDS = 0.5  # each timed run lasts at least this long
+_RUNS_AT_BEST = 3  # the best size is timed this many times; the best run counts
+
+
+def cpu_class() -> str:
+    """The class of this CPU by what torch computes with: "AMX", "AVX512-BF16", "AVX512",
+    "AVX2", "Arm BF16", "Arm" or torch's capability name. ATen's dispatch level decides
+    (ATEN_CPU_CAPABILITY can lower it): a CPU whose AVX-512 is not used counts as AVX2."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "Arm BF16" if _arm_has_bf16() else "Arm"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return capability
+    if _cpu_has("_is_amx_tile_supported"):
+        return "AMX"
+    if _cpu_has("_is_avx512_bf16_supported"):
+        return "AVX512-BF16"
+    return "AVX512"
+
+
+def _cpu_has(probe: str) -> bool:
+    """torch's CPU feature probe (torch.cpu._is_*_supported); False where this torch lacks it."""
+    return bool(getattr(torch.cpu, probe, lambda: False)())
+
+
+def _arm_has_bf16() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.system() == "Darwin"  # Apple M2 and later; M1's bf16 is slow anyway
+    return any(line.startswith("Features") and " bf16" in line for line in text.splitlines())
+
+
+def device_name(device: torch.device) -> str:
+    """The device as a datasheet names it: the CUDA device's name, or "cpu (CLASS)"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({cpu_class()})"
+
+
+# -- measured matmul peaks ----------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> float:
+    """TFLOP/s of an n x n matmul in `dtype`, over one run of at least `seconds`."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # first call: kernel selection, allocation
+    _sync(device)
+    iters, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        if iters % 8 == 0 or device.type != "cuda":  # bound the queue of launched kernels
+            _sync(device)
+            if time.perf_counter() - start >= seconds:
+                break
+    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+
+
+def measure_peak(
+    device: torch.device, dtype: torch.dtype, seconds: float = _RUN_SECONDS
+) -> tuple[float, int]:
+    """(best TFLOP/s, at which size) of square matmuls in `dtype` on `device`, now. Sizes
+    grow while the rate does; the best size then gets more runs and the best run counts, so
+    a moment of contention lowers one run, not the peak."""
+    sizes = _CUDA_SIZES if device.type == "cuda" else _CPU_SIZES
+    best, best_n = 0.0, sizes[0]
+    for n in sizes:
+        rate = matmul_rate(device, dtype, n, seconds)
+        if rate > best:
+            best, best_n = rate, n
+        elif rate < 0.7 * best:  # past the size this dtype runs best at
+            break
+    for _ in range(_RUNS_AT_BEST - 1):
+        best = max(best, matmul_rate(device, dtype, best_n, seconds))
+    return best, best_n
+
+
+def cache_file() -> Path:
+    """Where measured peaks are kept: one JSON file per host under ~/.cache/pretrain (or
+    $XDG_CACHE_HOME/pretrain)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "pretrain" / f"matmul-peaks-{socket.gethostname()}.json"
+
+
+def _cache_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a peak depends on besides the host: device, dtype, threads, torch's build and
+    the instruction sets it may use (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)."""
+    precision = next(k for k, v in DTYPES.items() if v == dtype)
+    parts = [device_name(device), precision, f"torch {torch.__version__}"]
+    if device.type == "cpu":
+        parts.append(f"{torch.get_num_threads()} threads")
+        if isa := os.environ.get("ONEDNN_MAX_CPU_ISA"):
+            parts.append(f"oneDNN {isa}")
+    return " | ".join(parts)
+
+
+@dataclass(frozen=True)
+class Peak:
+    tflops: float
+    precision: str
+    size: int  # the square size it was reached at
+    cached: bool  # read from the cache rather than measured by this process
+
+    def describe(self) -> str:
+        how = "cached" if self.cached else "measured now"
+        return (
+            f"{self.precision} matmul peak {self.tflops:.3g} TFLOP/s per rank"
+            f" (best of {self.size}x{self.size} runs, {how}; {cache_file()})"
+        )
+
+
+def cached_peak(device: torch.device, precision: str) -> Peak:
+    """The matmul peak of `precision` on `device`: from the host's cache, else measured now
+    (a few seconds) and cached. Call it from one process while no other is computing."""
+    dtype = DTYPES[precision]
+    path, key = cache_file(), _cache_key(device, dtype)
+    cache = _read_cache(path)
+    if key in cache:
+        entry = cache[key]
+        return Peak(float(entry["tflops"]), precision, int(entry["size"]), cached=True)
+    tflops, size = measure_peak(device, dtype)
+    cache = _read_cache(path)  # another process may have written meanwhile
+    cache[key] = {"tflops": tflops, "size": size, "measured": time.strftime("%Y-%m-%d %H:%M")}
+    _write_cache(path, cache)
+    return Peak(tflops, precision, size, cached=False)
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: measure again and write a good one
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(path: Path, cache: dict) -> None:
+    """Written whole under another name and renamed, so a reader never sees half a file;
+    a cache that cannot be written (read-only home) only costs a measurement next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as f:
+            json.dump(cache, f, indent=2, sort_keys=True)
+        os.replace(f.name, path)
+    except OSError:
+        pass
+
+
+# -- engine.precision: auto -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision a run uses and the one line that says why."""
+
+    precision: str
+    message: str | None  # None: nothing worth saying (an explicit choice that suits)
+    warning: bool = False
+
+
+def choose_precision(requested: str, device: torch.device) -> PrecisionChoice:
+    """What `engine.precision` runs as on `device`. On CUDA, auto is bf16 where the GPU has
+    it, else fp16 (with DeepSpeed's dynamic loss scale). On a CPU, auto is bf16 only where
+    the CPU class computes it natively and a measured bf16 matmul beats fp32's; an explicit
+    bf16 where it does not runs, with a warning that gives the measured ratio."""
+    if device.type == "cuda":
+        return _choose_on_cuda(requested, device)
+    if requested in ("fp32", "fp16"):
+        return PrecisionChoice(requested, None)
+    cls = cpu_class()
+    bf16, fp32 = cached_peak(device, "bf16").tflops, cached_peak(device, "fp32").tflops
+    fast = cls in NATIVE_BF16 and bf16 > fp32
+    measured = f"bf16 matmuls measured {_ratio(bf16, fp32)} than fp32"
+    if requested == "bf16":
+        if fast:
+            return PrecisionChoice("bf16", None)
+        return PrecisionChoice(
+            "bf16",
+            f"warning: engine.precision=bf16 on a CPU without fast bf16 ({cls}): {measured};"
+            " engine.precision=auto (or fp32) would run fp32",
+            warning=True,
+        )
+    if fast:
+        why = f"this CPU has native bf16 ({cls}); {measured}"
+        return PrecisionChoice("bf16", f"precision auto -> bf16: {why}")
+    if cls in NATIVE_BF16:
+        why = f"this CPU reports native bf16 ({cls}) but {measured}"
+    else:
+        why = f"this CPU has no native bf16 ({cls}); {measured}"
+    return PrecisionChoice("fp32", f"precision auto -> fp32: {why}")
+
+
+def _choose_on_cuda(requested: str, device: torch.device) -> PrecisionChoice:
+    if requested != "auto":
+        return PrecisionChoice(requested, None)
+    name = torch.cuda.get_device_name(device)
+    if torch.cuda.is_bf16_supported():
+        return PrecisionChoice("bf16", f"precision auto -> bf16: {name} computes bf16")
+    return PrecisionChoice(
+        "fp16", f"precision auto -> fp16 with a dynamic loss scale: {name} has no bf16"
+    )
+
+
+def _ratio(bf16: float, fp32: float) -> str:
+    if bf16 >= fp32:
+        return f"{bf16 / fp32:.1f}x faster"
+    return f"{fp32 / bf16:.1f}x slower"

@@ -5,6 +5,8 @@ traceback per rank:
     python -m pretrain config CONFIG --diff [...]           only what differs from the defaults
     python -m pretrain config --help                        every key: type, default, doc
     python -m pretrain check CONFIG [--dotted.overrides]    also what the run reads and writes
+    python -m pretrain machine                              CPU class / GPU, matmul peaks,
+                                                            what engine.precision=auto runs
 
 `check` (the launchers run it) validates the config, then makes sure train.output_dir is a
 writable directory, that the data, its tokenizer and its shard indexes load, and that a
@@ -21,12 +23,14 @@ import yaml
 from pretrain.config import ConfigError, load_config, to_dict
 from pretrain.config.reference import diff_text, help_text
 from pretrain.errors import main_guard
-from pretrain.metrics import check_wandb
 from pretrain.preflight import check_data, check_distill, check_output_dir
+
+# torch is imported only by the commands that need it: the launchers run `check` before
+# every job, and importing torch there would cost more than the check itself.
 
 USAGE = (
     "usage: python -m pretrain (config | check) CONFIG [--dotted.overrides ...];"
-    " python -m pretrain config --help lists every key"
+    " python -m pretrain config --help lists every key; python -m pretrain machine"
 )
 HELP = ("-h", "--help")
 
@@ -37,6 +41,14 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:1] and argv[0] in HELP:
         print(__doc__.strip())
+        return 0
+    if argv == ["machine"]:
+        import torch
+
+        from pretrain.hardware import describe_machine
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        print(describe_machine(device), end="")
         return 0
     if len(argv) < 2 or argv[0] not in ("config", "check") or argv[1].startswith("--"):
         raise ConfigError(USAGE)
@@ -50,6 +62,8 @@ def main(argv: list[str]) -> int:
         check_data(cfg)
         check_distill(cfg)
         if cfg.logging.wandb:
+            from pretrain.metrics import check_wandb
+
             check_wandb()
         return 0
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

@@ -242,3 +242,22 @@ def _ratio(bf16: float, fp32: float) -> str:
     if bf16 >= fp32:
         return f"{bf16 / fp32:.1f}x faster"
     return f"{fp32 / bf16:.1f}x slower"
+
+
+def describe_machine(device: torch.device) -> str:
+    """What `python -m pretrain machine` prints: the device or CPU class, the matmul peaks
+    of both precisions (measured now, or cached) and what auto would run."""
+    lines = [f"device: {device_name(device)}"]
+    if device.type == "cpu":
+        lines[0] += (
+            f", torch capability {torch.backends.cpu.get_cpu_capability()},"
+            f" {torch.get_num_threads()} threads"
+        )
+    peaks = {p: cached_peak(device, p) for p in ("bf16", "fp32")}
+    for peak in peaks.values():
+        lines.append(peak.describe())
+    bf16, fp32 = peaks["bf16"].tflops, peaks["fp32"].tflops
+    lines.append(f"bf16 / fp32 matmul ratio: {bf16 / fp32:.3g} (bf16 {_ratio(bf16, fp32)})")
+    choice = choose_precision("auto", device)
+    lines.append(choice.message or f"precision auto -> {choice.precision}")
+    return "\n".join(lines) + "\n"

@@ -207,9 +207,12 @@ def kill_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run a command-line entry point of the project as a user would."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_cli(
+    *args: str, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command-line entry point of the project as a user would (`env`: variables
+    set on top of this process's)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return run_process([sys.executable, *args], env=env, cwd=cwd)
 
 

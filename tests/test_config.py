@@ -258,6 +258,23 @@ def test_config_command_prints_the_resolved_config(cli, tmp_path):
 
 
 @pytest.mark.e2e
+def test_machine_command_names_the_cpu_class_its_peaks_and_what_auto_runs(cli, tmp_path):
+    """What .ci/run prints first: the CPU class, both matmul peaks (measured once, then
+    read from the host's cache) and the precision auto resolves to."""
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    first = cli("-m", "pretrain", "machine", env=env)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith("device: cpu (") and "1 threads" in lines[0]
+    assert "bf16 matmul peak" in lines[1] and "measured now" in lines[1]
+    assert "fp32 matmul peak" in lines[2] and "measured now" in lines[2]
+    assert lines[3].startswith("bf16 / fp32 matmul ratio: ")
+    assert lines[4].startswith("precision auto -> ")
+    again = cli("-m", "pretrain", "machine", env=env)
+    assert again.stdout.replace("cached", "measured now") == first.stdout
+
+
+@pytest.mark.e2e
 def test_config_command_rejects_a_bad_config_in_one_line(cli):
     result = cli("-m", "pretrain", "config", TINY, "--engine.zero_stage=5")
     assert result.returncode == 2

@@ -96,6 +96,14 @@ def test_an_unknown_preset_is_one_line(cli):
     assert "presets:" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
+def test_the_engine_path_of_both_precisions_is_refused_in_one_line(cli):
+    result = cli("tools/bench_train.py", "tiny-albert", "--precision", "both", "--engine")
+    assert result.returncode == 2
+    assert "--engine times one precision per process" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.unit
 def test_fit_batch_halves_the_micro_batch_until_it_fits(monkeypatch):
     """--fit-batch finds the largest micro-batch that fits (a GPU's out-of-memory is raised

@@ -400,6 +400,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.engine and args.precision == "both":
+        # DeepSpeed keeps its process groups for the life of the process: one engine each.
+        raise ConfigError("--engine times one precision per process; use --precision fp32 or bf16")
     results = []
     for precision in bench_precisions(args.precision or cfg.engine.precision, device):
         run_cfg = copy.deepcopy(cfg)

@@ -24,13 +24,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # CPU classes whose bf16 matmuls run on native instructions (not emulated through fp32).
 NATIVE_BF16 = ("AMX", "AVX512-BF16", "Arm BF16")
 
-# Square sizes the peak is searched over. Small ones matter: where bf16 is emulated, a
-# 128-wide product runs several times faster than a 1024-wide one, and a peak taken at
-# 1024 alone lies below what the model's own matmuls reach (an MFU over 100 %).
+# Square sizes and operand layouts the peak is searched over. Both matter where bf16 is
+# emulated: there a 128-wide product runs several times faster than a 1024-wide one, and
+# a @ b.T (a linear layer's forward) ten times faster than a @ b (its input gradient); a
+# peak taken at one size and layout lay below what the model's own matmuls reached (an MFU
+# over 100 %). "nn" is a @ b, "nt" a @ b.T, "tn" a.T @ b: the three products of a linear
+# layer's forward and backward.
 _CPU_SIZES = (128, 256, 512, 1024)
 _CUDA_SIZES = (4096, 8192)
-_RUN_SECONDS = 0.5  # each timed run lasts at least this long
-_RUNS_AT_BEST = 3  # the best size is timed this many times; the best run counts
+_LAYOUTS = ("nn", "nt", "tn")
+_SCAN_SECONDS = 0.25  # each size and layout is timed once this long, to find the best
+_RUN_SECONDS = 0.5  # the best is then timed again in runs at least this long
+_RUNS_AT_BEST = 3  # the best run counts
 
 
 def cpu_class() -> str:
@@ -77,15 +82,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> float:
-    """TFLOP/s of an n x n matmul in `dtype`, over one run of at least `seconds`."""
+def matmul_rate(
+    device: torch.device, dtype: torch.dtype, n: int, seconds: float, layout: str = "nn"
+) -> float:
+    """TFLOP/s of an n x n matmul in `dtype` with operands in `layout` ("nn": a @ b, "nt":
+    a @ b.T, "tn": a.T @ b), over one run of at least `seconds`."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    a @ b  # first call: kernel selection, allocation
+    left, right = (a.T if layout[0] == "t" else a), (b.T if layout[1] == "t" else b)
+    left @ right  # first call: kernel selection, allocation
     _sync(device)
     iters, start = 0, time.perf_counter()
     while True:
-        a @ b
+        left @ right
         iters += 1
         if iters % 8 == 0 or device.type != "cuda":  # bound the queue of launched kernels
             _sync(device)
@@ -94,23 +103,25 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, seconds: float
     return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
 
 
-def measure_peak(
-    device: torch.device, dtype: torch.dtype, seconds: float = _RUN_SECONDS
-) -> tuple[float, int]:
-    """(best TFLOP/s, at which size) of square matmuls in `dtype` on `device`, now. Sizes
-    grow while the rate does; the best size then gets more runs and the best run counts, so
-    a moment of contention lowers one run, not the peak."""
+def measure_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, int, str]:
+    """(best TFLOP/s, at which size, in which layout) of square matmuls in `dtype` on
+    `device`, now. For each layout sizes grow while the rate does; the best size and
+    layout then get more runs and the best run counts, so a moment of contention lowers
+    one run, not the peak."""
     sizes = _CUDA_SIZES if device.type == "cuda" else _CPU_SIZES
-    best, best_n = 0.0, sizes[0]
-    for n in sizes:
-        rate = matmul_rate(device, dtype, n, seconds)
-        if rate > best:
-            best, best_n = rate, n
-        elif rate < 0.7 * best:  # past the size this dtype runs best at
-            break
-    for _ in range(_RUNS_AT_BEST - 1):
-        best = max(best, matmul_rate(device, dtype, best_n, seconds))
-    return best, best_n
+    best, best_n, best_layout = 0.0, sizes[0], _LAYOUTS[0]
+    for layout in _LAYOUTS:
+        top = 0.0
+        for n in sizes:
+            rate = matmul_rate(device, dtype, n, _SCAN_SECONDS, layout)
+            if rate > best:
+                best, best_n, best_layout = rate, n, layout
+            if rate < 0.7 * top:  # past the size this layout runs best at
+                break
+            top = max(top, rate)
+    for _ in range(_RUNS_AT_BEST):
+        best = max(best, matmul_rate(device, dtype, best_n, _RUN_SECONDS, best_layout))
+    return best, best_n, best_layout
 
 
 def cache_file() -> Path:
@@ -137,13 +148,15 @@ class Peak:
     tflops: float
     precision: str
     size: int  # the square size it was reached at
+    layout: str  # and the operands' layout: nn, nt or tn
     cached: bool  # read from the cache rather than measured by this process
 
     def describe(self) -> str:
         how = "cached" if self.cached else "measured now"
+        product = {"nn": "a @ b", "nt": "a @ b.T", "tn": "a.T @ b"}[self.layout]
         return (
             f"{self.precision} matmul peak {self.tflops:.3g} TFLOP/s per rank"
-            f" (best of {self.size}x{self.size} runs, {how}; {cache_file()})"
+            f" (best {self.size}x{self.size} {product}, {how}; {cache_file()})"
         )
 
 
@@ -153,14 +166,19 @@ def cached_peak(device: torch.device, precision: str) -> Peak:
     dtype = DTYPES[precision]
     path, key = cache_file(), _cache_key(device, dtype)
     cache = _read_cache(path)
-    if key in cache:
-        entry = cache[key]
-        return Peak(float(entry["tflops"]), precision, int(entry["size"]), cached=True)
-    tflops, size = measure_peak(device, dtype)
+    entry = cache.get(key)
+    if isinstance(entry, dict) and entry.keys() >= {"tflops", "size", "layout"}:
+        return Peak(float(entry["tflops"]), precision, int(entry["size"]), entry["layout"], True)
+    tflops, size, layout = measure_peak(device, dtype)
     cache = _read_cache(path)  # another process may have written meanwhile
-    cache[key] = {"tflops": tflops, "size": size, "measured": time.strftime("%Y-%m-%d %H:%M")}
+    cache[key] = {
+        "tflops": tflops,
+        "size": size,
+        "layout": layout,
+        "measured": time.strftime("%Y-%m-%d %H:%M"),
+    }
     _write_cache(path, cache)
-    return Peak(tflops, precision, size, cached=False)
+    return Peak(tflops, precision, size, layout, cached=False)
 
 
 def _read_cache(path: Path) -> dict:

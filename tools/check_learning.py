@@ -52,6 +52,7 @@ BASE = {
     "optim.warmup_steps": 20,
     "optim.decay": "constant",
     "engine.zero_stage": 2,
+    "engine.precision": "fp32",  # the thresholds hold in fp32, on every machine alike
     "engine.micro_batch_size": 32,
     "train.seed": 0,
 }

@@ -131,10 +131,9 @@ def cache_file() -> Path:
     return root / "pretrain" / f"matmul-peaks-{socket.gethostname()}.json"
 
 
-def _cache_key(device: torch.device, dtype: torch.dtype) -> str:
-    """What a peak depends on besides the host: device, dtype, threads, torch's build and
-    the instruction sets it may use (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)."""
-    precision = next(k for k, v in DTYPES.items() if v == dtype)
+def _cache_key(device: torch.device, precision: str) -> str:
+    """What a peak depends on besides the host: device, precision, threads, torch's build
+    and the instruction sets it may use (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)."""
     parts = [device_name(device), precision, f"torch {torch.__version__}"]
     if device.type == "cpu":
         parts.append(f"{torch.get_num_threads()} threads")
@@ -163,13 +162,12 @@ class Peak:
 def cached_peak(device: torch.device, precision: str) -> Peak:
     """The matmul peak of `precision` on `device`: from the host's cache, else measured now
     (a few seconds) and cached. Call it from one process while no other is computing."""
-    dtype = DTYPES[precision]
-    path, key = cache_file(), _cache_key(device, dtype)
+    path, key = cache_file(), _cache_key(device, precision)
     cache = _read_cache(path)
     entry = cache.get(key)
     if isinstance(entry, dict) and entry.keys() >= {"tflops", "size", "layout"}:
         return Peak(float(entry["tflops"]), precision, int(entry["size"]), entry["layout"], True)
-    tflops, size, layout = measure_peak(device, dtype)
+    tflops, size, layout = measure_peak(device, DTYPES[precision])
     cache = _read_cache(path)  # another process may have written meanwhile
     cache[key] = {
         "tflops": tflops,

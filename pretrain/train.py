@@ -24,13 +24,13 @@ from typing import Any, NoReturn
 
 import torch
 
+from pretrain import hardware
 from pretrain.config import Config, ConfigError, load_config, to_dict
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine import checkpoint, pipeline, runtime
 from pretrain.errors import UserError, print_error
 from pretrain.export import native
 from pretrain.export.teacher import TeacherSource, describe_teacher, load_teacher
-from pretrain.hardware import DTYPES
 from pretrain.metrics import (
     MetricsLogger,
     memory_stats,
@@ -146,8 +146,8 @@ class Trainer:
         """The MFU denominator, in the dtype the model's matmuls run in: `logging.peak_tflops`,
         else the datasheet's, else a matmul peak measured once per host (rank 0 alone)."""
         precision = self.cfg.engine.precision
-        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        peak = peak_tflops(device_name, precision, self.cfg.logging.peak_tflops)
+        device = hardware.device_name(self.world.device)
+        peak = peak_tflops(device, precision, self.cfg.logging.peak_tflops)
         if peak is None:
             measured = runtime.measured_peak(precision, self.world)
             self._print(f"MFU against the {measured.describe()}")
@@ -183,7 +183,7 @@ class Trainer:
             self.cfg,
             self.train_data.tokenizer,
             self.world.device,
-            DTYPES[self.cfg.engine.precision],
+            hardware.DTYPES[self.cfg.engine.precision],
             found,
         )
         self._print(f"distilling from {self.cfg.distill.teacher}")

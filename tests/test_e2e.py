@@ -115,3 +115,33 @@ def test_launcher_help_shows_usage_and_every_config_key(command):
     assert usage in result.stdout
     for key in config_keys():
         assert f"  {key.name}: {key.type} = " in result.stdout, key.name
+
+
+LEAVE = """
+import atexit, sys, threading, time
+from pathlib import Path
+from pretrain.train import leave
+
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+log = out.joinpath("thread").open("w")
+
+def late_writer():
+    time.sleep(0.5)
+    log.write("finished")
+    log.close()
+
+threading.Thread(target=late_writer).start()
+print("last line", flush=False)
+leave(3)
+"""
+
+
+def test_a_rank_leaves_after_its_threads_exit_handlers_and_output(tmp_path):
+    """A finished rank skips the interpreter's teardown, not what a normal exit does: the
+    status, threads still writing, exit handlers and buffered output all survive."""
+    result = run_process([sys.executable, "-c", LEAVE, str(tmp_path)], env=env(), timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.endswith("\nlast line\n")  # after the import's log lines
+    assert (tmp_path / "thread").read_text() == "finished"
+    assert (tmp_path / "atexit").read_text() == "ran"

@@ -543,7 +543,9 @@ def rank_main(argv: list[str]) -> NoReturn:
         if code == 1:
             time.sleep(2)  # the launcher ends the job with the status of whichever it sees first
         os._exit(code)
-    leave(code)
+    if code:
+        sys.exit(code)  # a failure exits in full: the other ranks' lines come first
+    leave(0)
 
 
 def leave(code: int) -> NoReturn:
@@ -551,9 +553,7 @@ def leave(code: int) -> NoReturn:
     in a normal exit; what is skipped is the interpreter's own teardown, which frees every
     module of torch and DeepSpeed one by one: about 2 s a rank after the run's last line,
     and the launcher waits for it."""
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # as at any exit: threading's exit hooks (executors), then joins
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -119,6 +119,7 @@ def test_launcher_help_shows_usage_and_every_config_key(command):
 
 LEAVE = """
 import atexit, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from pretrain.train import leave
 
@@ -132,6 +133,8 @@ def late_writer():
     log.close()
 
 threading.Thread(target=late_writer).start()
+# An executor left running (as torch.compile's are): a normal exit stops its idle workers.
+ThreadPoolExecutor(1).submit(time.sleep, 0.1)
 print("last line", flush=False)
 leave(3)
 """
@@ -139,7 +142,8 @@ leave(3)
 
 def test_a_rank_leaves_after_its_threads_exit_handlers_and_output(tmp_path):
     """A finished rank skips the interpreter's teardown, not what a normal exit does: the
-    status, threads still writing, exit handlers and buffered output all survive."""
+    status, threads still writing, idle executors, exit handlers and buffered output all
+    survive, and the process ends."""
     result = run_process([sys.executable, "-c", LEAVE, str(tmp_path)], env=env(), timeout=120)
     assert result.returncode == 3, result.stderr
     assert result.stdout.endswith("\nlast line\n")  # after the import's log lines

@@ -184,7 +184,7 @@ def resume(run: Path, shards_dir: Path, *overrides: str):
 
 def one_error(result) -> str:
     """The job's single error line (rank 0 speaks for a failure every rank shares)."""
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     return errors[0]

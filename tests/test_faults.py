@@ -335,6 +335,20 @@ def test_sigterm_to_the_launcher_returns_after_the_ranks_saved_and_resumes(
     assert max(losses(out)) == saved + 2
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("ranks", ["0", "two", "-1"])
+def test_a_number_of_ranks_that_is_not_a_count_is_one_line(ranks, shards_dir, tmp_path):
+    result = run_process(
+        launch_args("tiny-albert.yaml", shards_dir, tmp_path / "a", "--train.max_steps=2"),
+        env={**env(), "NUM_GPUS": ranks},
+        timeout=120,
+    )
+    assert result.returncode == 2 and not (tmp_path / "a").exists()
+    assert result.stderr.strip() == (
+        f"error: NUM_GPUS must be a positive number of processes, not '{ranks}'"
+    )
+
+
 @pytest.mark.distributed
 def test_a_busy_port_is_one_line_and_the_default_port_is_free(shards_dir, tmp_path):
     with socket.socket() as held:

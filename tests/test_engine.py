@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import run_single
+from helpers import run_ranks, run_single
 
 from pretrain.config import EngineConfig, OptimConfig
 from pretrain.engine.ds_config import build_ds_config
@@ -101,3 +101,33 @@ def test_nonfinite_loss_stops_with_the_last_checkpoint_intact(shards_dir, tmp_pa
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step{step - 1:08d}"
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.distributed
+def test_the_fused_gradient_norm_is_deepspeeds_and_an_overflow_still_skips():
+    """2 ranks, ZeRO 1/2 in fp32 and bf16 (tests/zero_norm.py): the one-collective norm that
+    clips equals DeepSpeed's own to 1e-6 at every step, and where it replaces the separate
+    inf/NaN scan (bf16) a step with inf and NaN gradients is still skipped, the weights kept."""
+    layouts = [f"{stage}:{precision}" for precision in ("fp32", "bf16") for stage in (1, 2)]
+    rows = run_ranks("zero_norm.py", *layouts)
+    assert [row["layout"] for row in rows] == layouts
+    for row in rows:
+        bf16 = row["layout"].endswith("bf16")
+        assert row["installed"] == {"scaled_global_norm": True, "check_overflow": bf16}, row
+        *steps, (ours, theirs) = row["norms"]
+        assert len(steps) == 3 and all(t > 0.02 for _, t in steps), row  # the clip acted
+        for ours_t, theirs_t in steps:
+            assert abs(ours_t - theirs_t) <= 1e-6 * theirs_t, row
+        assert ours == theirs == float("inf"), row
+        assert row["skipped"] and row["unchanged"], row
+
+
+@pytest.mark.unit
+def test_deepspeeds_comms_logger_stays_off_unless_asked():
+    """DeepSpeed 0.19.8 turns the logger on whenever its key is in the config, and then times
+    and synchronises every collective: the key is written only to turn it on."""
+    from deepspeed.comm.config import DeepSpeedCommsConfig
+
+    for asked in (False, True):
+        ds = build_ds_config(EngineConfig(comms_logger=asked), OptimConfig(), world_size=2)
+        assert DeepSpeedCommsConfig(ds).comms_logger_enabled is asked

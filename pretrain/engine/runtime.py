@@ -19,6 +19,7 @@ from torch import nn
 from pretrain import hardware
 from pretrain.config import Config, ConfigError
 from pretrain.engine.ds_config import build_ds_config
+from pretrain.engine.fused import fuse_grad_norm
 from pretrain.engine.optim import Lamb, build_optimizer, build_scheduler
 from pretrain.engine.partitions import zero_partitions
 
@@ -136,6 +137,7 @@ def initialize(model: nn.Module, cfg: Config, world: World):
         lr_scheduler=scheduler,
         config=build_ds_config(cfg.engine, cfg.optim, world.size),
     )
+    fuse_grad_norm(engine.optimizer)
     # Without ZeRO in fp32 the engine steps our optimizer over the model's own tensors.
     if isinstance(optimizer, Lamb) and engine.optimizer is not optimizer:
         optimizer.partitions = zero_partitions(engine.optimizer)
@@ -177,6 +179,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on at least one."""
+    if not is_distributed():
+        return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)

@@ -267,7 +267,7 @@ class MetricsLogger:
         if losses:
             rows += [
                 ("first loss", f"{losses[0]:.4f}"),
-                ("last loss", f"{losses[-1]:.4f}"),
+                ("last loss", f"{losses[-1]:.4f}{self._stale_loss()}"),
                 ("min loss", f"{min(losses):.4f}"),
             ]
         for key, label, fmt in (
@@ -285,6 +285,15 @@ class MetricsLogger:
         rows.append(("wall time", _hms(self._clock() - self._start)))
         width = max(len(label) for label, _ in rows)
         return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+    def _stale_loss(self) -> str:
+        """Where the last logged training step had no finite loss: the step the last loss
+        is from."""
+        trained = [row for row in self.history if "skipped_micro_batches" in row]
+        with_loss = [row["step"] for row in trained if row.get("loss") is not None]
+        if not with_loss or trained[-1]["step"] == with_loss[-1]:
+            return ""
+        return f" (step {with_loss[-1]}; no finite loss after it, to step {trained[-1]['step']})"
 
     def _series(self, key: str) -> list[float]:
         return [row[key] for row in self.history if row.get(key) is not None]

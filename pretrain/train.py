@@ -103,6 +103,11 @@ class Trainer:
         self.engine = runtime.initialize(module, cfg, self.world)
         self.step, self.consumed, self.last_saved = 0, 0, -1
         self.skipped_in_row = 0
+        # Since the last sound checkpoint (or the start): steps skipped as non-finite, and
+        # whether a save found the weights themselves non-finite. Either ends the run in an
+        # error, whatever else ends it.
+        self.skipped_since_sound = 0
+        self.nonfinite_weights = False
         self._resume()
         self.first_step = self.step
         accounting = account(cfg)
@@ -291,6 +296,14 @@ class Trainer:
         if self.skipped_in_row:  # the weights may have diverged: keep the last sound state
             self._print(f"step {self.step}: not saving while steps are skipped as non-finite")
             return
+        # The update of a step whose loss was finite can still leave the weights inf or NaN.
+        if not runtime.weights_finite(self.engine.module, self.world.device):
+            self.nonfinite_weights = True
+            self._print(
+                f"step {self.step}: the weights are not finite: not saving"
+                f" (the last sound checkpoint: {self._last_sound()})"
+            )
+            return
         tag = checkpoint.save(
             self.engine,
             self.ckpt_dir,
@@ -300,7 +313,16 @@ class Trainer:
             self.world.rank,
         )
         self.last_saved = self.step
+        self.skipped_since_sound, self.nonfinite_weights = 0, False
         self._print(f"saved checkpoint {self.ckpt_dir / tag}")
+
+    def _last_sound(self) -> str:
+        """The checkpoint this run last saved or resumed from ("none" before either)."""
+        return (
+            str(self.ckpt_dir / checkpoint.tag_for(self.last_saved))
+            if self.last_saved >= 0
+            else "none"
+        )
 
     def _print(self, message: str) -> None:
         if self.world.rank == 0:
@@ -454,11 +476,33 @@ class Trainer:
             self._after_step(metrics, per_step, time.perf_counter() - start)
         self.save()
         self._print(self.logger.summary())
+        self._check_sound()
         return 0
+
+    def _check_sound(self) -> None:
+        """A run whose end state is not sound ends in an error, however it ended (max_steps,
+        a signal): its last checkpoint is older than its last step."""
+        if not (self.skipped_since_sound or self.nonfinite_weights):
+            return
+        what = (
+            f"{self.skipped_since_sound} of its steps after the last sound checkpoint were"
+            " skipped as non-finite"
+        )
+        if self.nonfinite_weights:
+            what = "its weights became non-finite" + (
+                f" and {what}" if self.skipped_since_sound else ""
+            )
+        last = self._last_sound()
+        then = f"resume from {last}" if self.last_saved >= 0 else "start again"
+        raise NonFiniteLossError(
+            f"the run diverged: {what}; the last sound checkpoint is {last}; lower optim.lr"
+            f" and {then}"
+        )
 
     def _count_skipped(self, step: StepMetrics) -> None:
         """Steps in a row with every micro-batch skipped; too many is a diverged run."""
         self.skipped_in_row = 0 if step.done else self.skipped_in_row + 1
+        self.skipped_since_sound += 0 if step.done else 1
         if self.skipped_in_row >= self.cfg.train.max_skipped_steps:
             saved = self.last_saved >= 0
             where = self.ckpt_dir / checkpoint.tag_for(self.last_saved) if saved else "none"

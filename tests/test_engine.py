@@ -83,11 +83,18 @@ EXPLODE = ["--optim.lr=1e30", "--optim.grad_clip=0", "--train.max_steps=4", "--c
 def test_nonfinite_loss_is_skipped_and_reported(shards_dir, tmp_path):
     out = tmp_path / "run"
     result = run_single(shards_dir, out, *EXPLODE, "--train.on_nonfinite=skip")
-    assert result.returncode == 0, result.stderr[-2000:]
     assert "non-finite loss, micro-batch skipped" in result.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["skipped_micro_batches"] == 0
-    assert any(r["skipped_micro_batches"] > 0 for r in rows[1:])
+    skipped = sum(r["skipped_micro_batches"] > 0 for r in rows[1:])
+    assert skipped > 0
+    # It ended with those steps skipped: not a success, and the summary says which step
+    # its last loss is from.
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = next(line for line in result.stderr.splitlines() if line.startswith("last loss"))
+    assert f"no finite loss after it, to step {rows[-1]['step']}" in last
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and f"{skipped} of its steps after the last sound" in error[0]
 
 
 @pytest.mark.distributed

@@ -235,6 +235,33 @@ def test_a_diverged_run_stops_and_keeps_the_last_sound_checkpoint(run, shards_di
     assert checkpoint.newest_valid(run / "checkpoints")[0] == STEP4
 
 
+@pytest.mark.distributed
+def test_a_run_that_ends_diverged_fails_and_never_saves_a_non_finite_state(run, shards_dir):
+    """lr 1e39 from step 4 on: step 5's loss is finite but its update leaves the weights
+    inf, so its checkpoint is refused; steps 6 and 7 are skipped, and the run, ended by
+    max_steps before the skip limit, fails in one line naming the last sound state."""
+    result = resume(
+        run,
+        shards_dir,
+        "--train.max_steps=7",
+        "--checkpoint.every=1",
+        "--optim.lr=1e39",
+        "--optim.grad_clip=0",
+        "--train.replan_schedule=true",
+    )
+    line = one_error(result)
+    assert "step 5: the weights are not finite: not saving" in result.stderr
+    sound = run / "checkpoints" / STEP4
+    assert (
+        "the run diverged: its weights became non-finite and 2 of its steps after the last"
+        f" sound checkpoint were skipped as non-finite; the last sound checkpoint is {sound}"
+    ) in line
+    assert checkpoint.newest_valid(run / "checkpoints")[0] == STEP4
+    assert (run / "checkpoints" / "latest").read_text().strip() == STEP4
+    last = next(row for row in result.stderr.splitlines() if row.startswith("last loss"))
+    assert last.endswith("(step 5; no finite loss after it, to step 7)")
+
+
 # -- corpora -------------------------------------------------------------------------------
 
 VERSE = "Now is the winter of our discontent\nMade glorious summer by this sun of York.\n" * 20

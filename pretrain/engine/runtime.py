@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -184,6 +185,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def weights_finite(module: nn.Module, device: torch.device) -> bool:
+    """Whether every weight on every rank is finite: the largest magnitude of each tensor
+    this rank holds (under ZeRO-3, its partition), then one vote."""
+    local = [getattr(p, "ds_tensor", p).detach() for p in module.parameters()]
+    local = [t for t in local if t.numel()]
+    finite = not local or bool(
+        torch.isfinite(torch.stack(torch._foreach_norm(local, math.inf))).all()
+    )
+    return not any_rank(not finite, device)
 
 
 def current_loss_scale(engine) -> float | None:

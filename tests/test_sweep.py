@@ -70,6 +70,24 @@ def test_a_bad_sweep_file_or_variant_is_one_error(tmp_path):
         sweep.plan_runs(sweep.load_sweep(typo), args_for(typo, "--only", "b"))
 
 
+@pytest.mark.unit
+def test_a_smoke_budget_below_the_warmup_scales_the_warmup_and_says_so(capsys):
+    """The quick preset warms up for 300 of its 600 steps: `--steps 3` used to be refused
+    (warmup_steps must not exceed max_steps); it now warms up for the same half."""
+    quick = sweep.PRESETS["quick"]
+    runs = sweep.plan_runs(sweep.load_sweep(quick), args_for(quick, "--steps", "3"))
+    assert {(r.cfg.train.max_steps, r.cfg.optim.warmup_steps) for r in runs} == {(3, 2)}
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "--steps 3: optim.warmup_steps (300) exceeds a budget of 3 steps: the warmup is"
+        " scaled with it to 2 (300 of the recipe's 600)"
+    ]  # once, not once per variant
+    # A budget the recipe's warmup fits keeps it as it is, silently.
+    runs = sweep.plan_runs(sweep.load_sweep(quick), args_for(quick, "--steps", "400"))
+    assert {(r.cfg.train.max_steps, r.cfg.optim.warmup_steps) for r in runs} == {(400, 300)}
+    assert capsys.readouterr().err == ""
+
+
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
     """A sweep file of two tiny variants on the test corpus."""

@@ -34,7 +34,7 @@ from pretrain.config import Config, ConfigError, load_config
 from pretrain.data.baseline import held_out_baseline
 from pretrain.data.corpus import prepare_default_data
 from pretrain.data.loader import PretrainDataset, make_loader
-from pretrain.engine.optim import build_optimizer, build_scheduler
+from pretrain.engine.optim import budget_warmup, build_optimizer, build_scheduler
 from pretrain.errors import main_guard
 from pretrain.export.hf import HFReference, hf_model
 from pretrain.hardware import choose_precision
@@ -118,6 +118,9 @@ def build(cfg: Config, reference: bool) -> list[torch.nn.Module]:
 
 def train(cfg: Config, args: argparse.Namespace) -> dict:
     steps = args.steps or cfg.train.max_steps
+    cfg.optim.warmup_steps, note = budget_warmup(cfg.optim, cfg.train.max_steps, steps)
+    if note:
+        print(f"--steps {steps}: {note}", file=sys.stderr)
     every = args.every or max(steps // 10, 1)
     e = cfg.engine
     batch = e.micro_batch_size * e.grad_accum_steps * args.ranks

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from pretrain.config import Config, ConfigError, load_config, load_yaml, to_dict
 from pretrain.config.reference import config_keys, flat
+from pretrain.engine.optim import budget_warmup
 from pretrain.errors import UserError, main_guard
 from pretrain.report import load_for_report, measure
 
@@ -105,24 +106,38 @@ def plan_runs(sweep: Sweep, args: argparse.Namespace) -> list[Run]:
             f"--only names no variant of this sweep: {', '.join(sorted(unknown))};"
             f" variants: {', '.join(variants)}"
         )
-    runs = []
+    runs, notes = [], []
     for name, overrides in variants.items():
         if args.only and name not in args.only:
             continue
         for seed in args.seeds or [None]:
             extra = {"data.path": str(Path(args.data).resolve())}
-            if args.steps:
-                extra["train.max_steps"] = args.steps
             if seed is not None:
                 extra["train.seed"] = seed
             try:
+                if args.steps:
+                    extra |= step_budget(sweep, overrides, extra, args.steps, notes)
                 cfg = variant_config(sweep, overrides, extra)
             except ConfigError as err:
                 raise ConfigError(f"variant {name!r}: {err}") from None
             folder = args.output / "runs" / name / f"seed-{cfg.train.seed}"
             cfg.train.output_dir = str(folder.resolve())
             runs.append(Run(name, cfg.train.seed, cfg, folder))
+    for note in dict.fromkeys(notes):  # once each, in order
+        print(note, file=sys.stderr)
     return runs
+
+
+def step_budget(
+    sweep: Sweep, overrides: dict[str, Any], extra: dict[str, Any], steps: int, notes: list
+) -> dict[str, Any]:
+    """The overrides of a `--steps` budget: max_steps, and the recipe's warmup scaled with
+    the budget where it would not fit (its line added to `notes`)."""
+    recipe = variant_config(sweep, overrides, extra)
+    warmup, note = budget_warmup(recipe.optim, recipe.train.max_steps, steps)
+    if note:
+        notes.append(f"--steps {steps}: {note}")
+    return {"train.max_steps": steps, "optim.warmup_steps": warmup}
 
 
 def eval_config(sweep: Sweep, args: argparse.Namespace) -> Config:
@@ -335,7 +350,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     source.add_argument("--variants", type=Path, help="a sweep file (see configs/sweeps/)")
     parser.add_argument("--data", required=True, help="token shards (tools/preprocess.py)")
     parser.add_argument("--output", type=Path, required=True, help="the sweep's folder")
-    parser.add_argument("--steps", type=int, help="every variant's step budget (smoke runs)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="every variant's step budget (smoke runs); below the recipe's warmup, the warmup"
+        " is scaled with it",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="default: the config's seed")
     parser.add_argument("--teacher", help="adds the sweep's distilled variants with this teacher")
     parser.add_argument("--only", nargs="+", help="run these variants only")

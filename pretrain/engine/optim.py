@@ -219,6 +219,19 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * remaining
 
 
+def budget_warmup(cfg: OptimConfig, planned_steps: int, steps: int) -> tuple[int, str | None]:
+    """The warmup of a run cut to `steps` from a recipe planned for `planned_steps`: the
+    recipe's own where it fits the budget, else the same fraction of the budget, with the
+    line that says so (a smoke run of a long recipe still warms up, then decays)."""
+    if cfg.warmup_steps <= steps:
+        return cfg.warmup_steps, None
+    warmup = min(steps, round(cfg.warmup_steps * steps / planned_steps))
+    return warmup, (
+        f"optim.warmup_steps ({cfg.warmup_steps}) exceeds a budget of {steps} steps: the warmup"
+        f" is scaled with it to {warmup} ({cfg.warmup_steps} of the recipe's {planned_steps})"
+    )
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:

@@ -71,6 +71,7 @@ def test_a_bad_sweep_file_or_variant_is_one_error(tmp_path):
 
 
 @pytest.mark.unit
+@pytest.mark.faults
 def test_a_smoke_budget_below_the_warmup_scales_the_warmup_and_says_so(capsys):
     """The quick preset warms up for 300 of its 600 steps: `--steps 3` used to be refused
     (warmup_steps must not exceed max_steps); it now warms up for the same half."""

@@ -265,6 +265,8 @@ class Trainer:
         schedule = checkpoint.check_resumable(
             state, self.cfg, self.train_data.tokenizer.info.checksum, self.world.size, where
         )
+        for key, before, now in checkpoint.loss_changes(state, self.cfg):
+            self._print(f"resuming with a changed loss: {key} {before!r} -> {now!r}")
         universal = self._reshard(state, tag, where)
         saved_ranks = state["world_size"]
         checkpoint.load(self.engine, self.ckpt_dir, tag, self.world.rank, saved_ranks, universal)

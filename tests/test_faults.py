@@ -20,7 +20,8 @@ import pytest
 import torch
 from helpers import env, launch_args, losses, run_process, train, wait_for_step
 
-from pretrain.config import OptimConfig
+from pretrain.config import Config, OptimConfig
+from pretrain.config.schema import DistillConfig, ObjectiveConfig
 from pretrain.data.preprocess import METADATA
 from pretrain.data.shards import TokenShards
 from pretrain.data.tokenizer import Tokenizer
@@ -201,6 +202,38 @@ def test_requests_that_cannot_be_honoured_are_errors(run, shards_dir):
     line = one_error(resume(run, shards_dir, "--train.max_steps=8", "--optim.lr=0.001"))
     assert "planned with optim.lr=0.003" in line
     assert checkpoint.step_tags(run / "checkpoints") == [STEP2, STEP4]  # nothing touched
+
+
+@pytest.mark.distributed
+def test_resuming_under_another_loss_is_refused_unless_asked(run, shards_dir):
+    line = one_error(resume(run, shards_dir, "--train.max_steps=5", "--objective.mask_prob=0.3"))
+    assert (
+        f"cannot resume from {run / 'checkpoints' / STEP4} with objective.mask_prob=0.3: it was"
+        " trained with objective.mask_prob=0.15" in line
+    )
+    assert "--train.allow_loss_change=true" in line
+    assert checkpoint.newest_valid(run / "checkpoints")[0] == STEP4  # nothing written
+    asked = ("--objective.mask_prob=0.3", "--train.allow_loss_change=true")
+    result = resume(run, shards_dir, "--train.max_steps=5", *asked)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming with a changed loss: objective.mask_prob 0.15 -> 0.3" in result.stderr
+
+
+@pytest.mark.unit
+def test_every_setting_of_the_loss_counts_as_a_change_and_a_missing_key_as_its_default():
+    cfg = Config()
+    saved = {"config": cfg.to_dict()}
+    assert checkpoint.loss_changes(saved, cfg) == []
+    other = Config(distill=DistillConfig(teacher="runs/teacher", alpha=0.5))
+    assert checkpoint.loss_changes(saved, other) == [
+        ("distill.teacher", "", "runs/teacher"),
+        ("distill.alpha", 1.0, 0.5),
+    ]
+    # A checkpoint of a version without objective.max_ngram trained with its default.
+    del saved["config"]["objective"]["max_ngram"]
+    assert checkpoint.loss_changes(saved, cfg) == []
+    changed = Config(objective=ObjectiveConfig(max_ngram=1))
+    assert checkpoint.loss_changes(saved, changed) == [("objective.max_ngram", 3, 1)]
 
 
 @pytest.mark.distributed

@@ -467,6 +467,11 @@ class TrainConfig(Section):
     or max_steps under a decaying schedule) other than the checkpoint's: the LR is re-planned
     from this config at the step reached. Without it such a resume is refused, since the
     checkpoint carries its own schedule on (it would ignore the new settings)."""
+    allow_loss_change: bool = False
+    """Allow resuming with settings of the loss (objective.*: terms, weights, masking;
+    distill.*: teacher, alpha, temperature, hidden matching) other than the checkpoint's.
+    Without it such a resume is refused: a run's steps would be taken under two losses
+    while its metrics and checkpoints read as one run."""
     compile: bool = False
     """torch.compile each shared parameter set's block once (a set used by L layers is one
     compiled module, not L); ZeRO stages 0-2."""

@@ -291,12 +291,30 @@ def schedule_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object
     return [(k, before[k], now[k]) for k in keys if before[k] != now[k]]
 
 
+LOSS_SECTIONS = ("objective", "distill")
+
+
+def loss_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
+    """(key, saved value, value now) of each setting of the loss (objective.*, distill.*:
+    the terms, their weights, the masking, the teacher) this run changes. A key the
+    checkpoint's config lacks had its default then."""
+    changes = []
+    for section in LOSS_SECTIONS:
+        ours = getattr(cfg, section)
+        now = flat(to_dict(ours), f"{section}.")
+        default = flat(to_dict(type(ours)()), f"{section}.")
+        before = {**default, **flat(saved["config"].get(section, {}), f"{section}.")}
+        changes += [(k, before[k], v) for k, v in now.items() if before[k] != v]
+    return changes
+
+
 def check_resumable(
     saved: dict, cfg: Config, tokenizer_checksum: str, world: int, where: str
 ) -> list[tuple[str, object, object]]:
     """A checkpoint continues only the same model on the same tokenizer, and its LR
-    schedule unless asked to re-plan it; on another layout (ranks, ZeRO stage, precision)
-    only where DeepSpeed can reshard it. Returns the schedule changes allowed."""
+    schedule and its loss unless asked to change them; on another layout (ranks, ZeRO
+    stage, precision) only where DeepSpeed can reshard it. Returns the schedule changes
+    allowed."""
     now = flat(to_dict(cfg.model), "model.")
     before = flat(saved["config"]["model"], "model.")
     changed = [k for k in sorted(now) if before.get(k) != now[k]]
@@ -324,6 +342,14 @@ def check_resumable(
             f"cannot resume from {where} with {key}={now!r}: its LR schedule was planned with"
             f" {key}={before!r}; pass --train.replan_schedule=true to re-plan the LR from"
             f" step {step} with the new settings, or restore {key}"
+        )
+    loss = loss_changes(saved, cfg)
+    if loss and not cfg.train.allow_loss_change:
+        key, before, now = loss[0]
+        raise ResumeError(
+            f"cannot resume from {where} with {key}={now!r}: it was trained with"
+            f" {key}={before!r}, and its steps would go on under another loss; restore {key},"
+            " or pass --train.allow_loss_change=true to go on with the new one"
         )
     check_reshardable(saved_layout(saved), layout(cfg, world), where)
     return schedule

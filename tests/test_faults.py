@@ -18,7 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import env, launch_args, losses, run_process, train, wait_for_step
+from helpers import (
+    env,
+    launch_args,
+    losses,
+    run_cli,
+    run_process,
+    train,
+    trainer_args,
+    wait_for_step,
+)
+from safetensors.torch import load_file
 
 from pretrain.config import Config, OptimConfig
 from pretrain.config.schema import DistillConfig, ObjectiveConfig
@@ -189,6 +199,59 @@ def one_error(result) -> str:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     return errors[0]
+
+
+@pytest.fixture(scope="module")
+def planted_hf(run4, tmp_path_factory) -> tuple[Path, Path]:
+    """An HF export of the shared run whose weights became a pytorch_model.bin that runs a
+    command when unpickled, and the marker file that command would leave."""
+    out = tmp_path_factory.mktemp("planted")
+    folder, marker = out / "hf", out / "pwned"
+    export = ("--checkpoint", str(run4), "--format", "hf", "--output", str(folder))
+    assert run_cli("tools/convert_checkpoint.py", *export).returncode == 0
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "extra": Plant(marker)}, folder / "pytorch_model.bin")
+    return folder, marker
+
+
+READERS = {
+    "import": ["tools/convert_checkpoint.py", "--from-hf", "{hf}", "--format", "native"],
+    "reshare": [
+        *("tools/convert_checkpoint.py", "--from-hf", "{hf}", "--format", "native"),
+        *("--share", "strategy=all"),
+    ],
+    "report": ["-m", "pretrain.report", "{hf}", "--data", "{shards}"],
+    "finetune": ["tools/finetune.py", "--model", "{hf}", "--train", "{csv}", "--eval", "{csv}"],
+    "teacher": [*trainer_args(Path("{shards}"), Path("{out}"), "--distill.teacher={hf}")],
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("reader", list(READERS))
+def test_a_pickle_planted_in_a_users_hf_folder_is_one_line_for_every_reader(
+    reader, planted_hf, shards_dir, tmp_path
+):
+    """Every way a user's Hugging Face folder is read refuses weights that are more than
+    tensors in one line naming the file and the fix; the planted command never runs."""
+    hf, marker = planted_hf
+    csv = tmp_path / "task.csv"
+    csv.write_text("text,label\nthe king,a\nthe queen,b\n")
+    fill = {"hf": hf, "shards": shards_dir, "csv": csv, "out": tmp_path / "run"}
+    args = [arg.format(**fill) for arg in READERS[reader]]
+    if reader in ("import", "reshare", "finetune"):
+        args += ["--output", str(tmp_path / "out")]
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: refusing to load {hf / 'pytorch_model.bin'}: it holds objects other than"
+        " tensors and plain data (it names posix.system); convert it to safetensors"
+        " (model.safetensors) from a copy you trust, or use a folder that has one"
+    ], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.distributed

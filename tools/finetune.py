@@ -57,6 +57,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pretrain.data.sources import DataError
 from pretrain.errors import UserError, main_guard
+from pretrain.pickles import refusing_pickles
 
 Tokenizer = transformers.PreTrainedTokenizerBase
 READERS = {".csv": "csv", ".jsonl": "json", ".json": "json"}
@@ -444,13 +445,14 @@ def load_model(
         raise DataError(f"--model {folder} is not a Hugging Face model folder (no config.json)")
     transformers.set_seed(seed)  # before the model: its classifier head is freshly initialized
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        folder,
-        num_labels=len(ids),
-        id2label={i: name for name, i in ids.items()},
-        label2id=ids,
-        local_files_only=True,
-    )
+    with refusing_pickles(folder):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder,
+            num_labels=len(ids),
+            id2label={i: name for name, i in ids.items()},
+            label2id=ids,
+            local_files_only=True,
+        )
     return tok, model
 
 

@@ -54,6 +54,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from pretrain import pickles
 from pretrain.config import Config, ConfigError, to_dict
 from pretrain.config.reference import flat
 from pretrain.engine.runtime import barrier, broadcast_object
@@ -174,17 +175,12 @@ def safe_load(path: str | Path, map_location=None, mmap: bool | None = None) -> 
 
 
 def refused(path: str | Path, err: pickle.UnpicklingError) -> UserError:
-    """The one line for a file that a weights-only load refused, naming what it holds."""
-    named = re.search(r"GLOBAL ([\w.]+)", str(err))
-    if named is None:
-        return UserError(
-            f"cannot read {path}: it is not a file torch.save wrote (corrupt or replaced);"
-            " restore it, or delete its checkpoint folder to resume from an older one"
-        )
-    return UserError(
-        f"refusing to load {path}: it holds objects other than tensors and plain data"
-        f" (it names {named.group(1)}); it was not written by this stack"
-    )
+    """The one line for a checkpoint file that a weights-only load refused."""
+    if re.search(r"GLOBAL ([\w.]+)", str(err)) is None:
+        fix = "restore it, or delete its checkpoint folder to resume from an older one"
+    else:
+        fix = "it was not written by this stack"
+    return pickles.refusal(path, err, fix)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from pretrain.export.card import LICENSE, RunFacts, model_card, write_card
 from pretrain.export.common import State
 from pretrain.export.verify import max_logit_diff
 from pretrain.model import ModelOutput, SharedTransformer
+from pretrain.pickles import load_tensors
 
 CONFIG_FILE = "config.json"
 IMPORT_FUNCTIONS = ("config_from_hf", "from_hf")
@@ -196,7 +197,8 @@ def export_notes(cfg: ModelConfig) -> list[str]:
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """safetensors (single or sharded) or pytorch_model.bin, never unpickling objects."""
+    """safetensors (single or sharded) or pytorch_model.bin, never unpickling objects: a
+    .bin holding anything but tensors is one line naming it."""
     from safetensors.torch import load_file
 
     files = sorted(directory.glob("*.safetensors"))
@@ -204,7 +206,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         return {k: v for f in files for k, v in load_file(str(f)).items()}
     bins = sorted(directory.glob("pytorch_model*.bin"))
     if bins:
-        return {k: v for f in bins for k, v in torch.load(f, weights_only=True).items()}
+        return {k: v for f in bins for k, v in load_tensors(f).items()}
     raise UserError(f"{directory} holds no model.safetensors or pytorch_model.bin")
 
 

@@ -33,6 +33,7 @@ from pretrain.engine import checkpoint, pipeline, runtime
 from pretrain.errors import UserError, print_error
 from pretrain.export import native
 from pretrain.export.teacher import TeacherSource, describe_teacher, load_teacher
+from pretrain.lock import FolderInUseError, RunLock
 from pretrain.metrics import (
     MetricsLogger,
     memory_stats,
@@ -72,7 +73,7 @@ class StepMetrics:
 
 class Trainer:
     def __init__(self, cfg: Config) -> None:
-        self.cfg, self.engine, self.logger = cfg, None, None
+        self.cfg, self.engine, self.logger, self.lock = cfg, None, None, None
         self.world = runtime.init_distributed()
         try:
             self._build()
@@ -85,6 +86,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.out = Path(cfg.train.output_dir)
         check_output_dir(self.out)
+        self._hold_output_dir()
         self.ckpt_dir = self.out / "checkpoints"
         self.train_data = PretrainDataset(cfg, "train")
         self.eval_data = PretrainDataset(cfg, "valid") if cfg.train.eval_every else None
@@ -124,6 +126,22 @@ class Trainer:
         self._signal: int | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+
+    def _hold_output_dir(self) -> None:
+        """One run per train.output_dir: rank 0 holds its lock for the whole run, and a
+        folder another live run holds stops every rank before anything in it is touched."""
+        found: str | UserError | None = None
+        if self.world.rank == 0:
+            self.lock = RunLock(self.out)
+            try:
+                found = self.lock.acquire()
+            except FolderInUseError as err:
+                found = err
+        found = runtime.broadcast_object(found)
+        if isinstance(found, UserError):
+            raise found
+        if found:
+            self._print(found)
 
     def _start_wandb(self, accounting) -> Any:
         """A W&B run with the resolved config and the parameter counts (logging.wandb)."""
@@ -534,6 +552,8 @@ class Trainer:
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
         if self.engine is not None and self.cfg.engine.comms_logger:
             self._write_comms()
         engine, self.engine = self.engine, None

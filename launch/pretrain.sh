@@ -68,6 +68,9 @@ fi
 
 if [ -n "${HOSTFILE:-}" ]; then
   launcher=("$python" -m deepspeed.launcher.runner --hostfile "$HOSTFILE")
+  # The hosts the runner starts ranks on: the hostfile's first NUM_NODES (all by default).
+  hosts=$(awk -v n="${NUM_NODES:-0}" '!/^[[:space:]]*(#|$)/ && (n == 0 || c++ < n) { print $1 }' \
+    "$HOSTFILE" | paste -sd, -)
   # --num_gpus would replace every node's slots with this machine's count.
   [ -n "${NUM_GPUS:-}" ] && launcher+=(--num_gpus "$NUM_GPUS")
   [ -n "${NUM_NODES:-}" ] && launcher+=(--num_nodes "$NUM_NODES")
@@ -103,12 +106,15 @@ PY
 fi
 [ -n "${MASTER_PORT:-}" ] && launcher+=(--master_port "$MASTER_PORT")
 
-# DeepSpeed's single-node runner does not pass SIGTERM/SIGINT on to the ranks, so this
-# script does: every rank then saves a checkpoint and exits (as under SLURM, where each
-# task receives the signal itself). Only the ranks get it: the runner would exit at once
+# DeepSpeed's launchers do not pass SIGTERM/SIGINT on to the ranks as a save-and-exit, so
+# this script does: every rank then saves a checkpoint and exits (as under SLURM, where each
+# task receives the signal itself). Only the ranks get it: the launcher would exit at once
 # and leave them saving after this script had returned, so whatever supervises the job
-# would think it over while the save still ran. This script exits when the runner does,
-# after every rank, with its status.
+# would think it over while the save still ran. This script exits when the launcher does,
+# after every rank, with its status. With a hostfile the ranks run under each node's sshd,
+# not under this script: each node is told through pdsh, as the runner reaches them, and
+# the ranks of this job are found by the id it gives them (--launch_id).
+launch_id="$(hostname)-$$-$(date +%s%N)"
 descendants() {
   local child
   for child in $(pgrep -P "$1"); do
@@ -123,9 +129,17 @@ forward() {
       *"-m pretrain.train --local_rank="*) kill -s "$1" "$pid" 2>/dev/null || true ;;
     esac
   done
+  if [ -n "${HOSTFILE:-}" ]; then
+    # The ranks only (not their per-node launcher, which would end them as a failure);
+    # "[.]" matches a dot in a rank's arguments but not itself in this command's.
+    PDSH_RCMD_TYPE=ssh pdsh -S -w "$hosts" "pkill -$1 -f -- \
+      '-m pretrain[.]train --local_rank=[0-9]+ .*--launch_id=$launch_id' || true" \
+      >/dev/null 2>&1 || true
+  fi
 }
 
-"${launcher[@]}" --module pretrain.train --config "$config" "${overrides[@]}" &
+"${launcher[@]}" --module pretrain.train --config "$config" "${overrides[@]}" \
+  --launch_id="$launch_id" &
 child=$!
 trap 'forward TERM' TERM
 trap 'forward INT' INT

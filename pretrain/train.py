@@ -566,6 +566,8 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
     )
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    # Set by launch/pretrain.sh on every rank of one job, to find them on every node.
+    parser.add_argument("--launch_id", default=None, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
     return args.config, overrides
 

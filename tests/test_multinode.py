@@ -16,13 +16,27 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import REPO, apt_install, env, free_port, losses, missing, run_process, stop_daemon
+from helpers import (
+    BASE,
+    REPO,
+    apt_install,
+    env,
+    free_port,
+    losses,
+    missing,
+    run_process,
+    stop_daemon,
+    wait_for_step,
+)
+
+from pretrain.engine import checkpoint
 
 pytestmark = pytest.mark.cluster
 
@@ -170,3 +184,45 @@ def test_hostfile_run_over_pdsh_equals_a_one_node_run(ssh_path, shards_dir, tmp_
     assert sorted(got) == sorted(want)
     off = {s: (got[s], want[s]) for s in want if abs(got[s] - want[s]) > TOLERANCE}
     assert not off, f"(now, one node) per step: {off}"
+
+
+@pytest.mark.faults
+def test_sigterm_to_a_hostfile_launch_reaches_every_nodes_ranks(
+    ssh_path, shards_dir, tmp_path, spawn
+):
+    """The ranks run under each node's sshd, not under the script: SIGTERM to the script
+    still reaches every one of them through pdsh; they save and exit, and the script
+    returns after them with their status."""
+    out = tmp_path / "run"
+    (tmp_path / "hostfile").write_text("".join(f"{node} slots=1\n" for node in NODES))
+    (tmp_path / ".deepspeed_env").write_text("OMP_NUM_THREADS=1\n")
+    run_env = {**env(), "PATH": ssh_path, "HOSTFILE": str(tmp_path / "hostfile")}
+    run_env["MASTER_ADDR"] = NODES[0]
+    config = str(REPO / "configs" / "tiny-albert.yaml")
+    paths = [f"--data.path={shards_dir}", f"--train.output_dir={out}"]
+    command = ["bash", str(REPO / "launch" / "pretrain.sh"), config, *BASE, *paths]
+    process = spawn(
+        [*command, "--train.max_steps=100000"],
+        env=run_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_step(out, 3, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    lines = output.splitlines()
+    for node in NODES:  # each node's rank saw the signal and ended well
+        ended = [x for x in lines if x.startswith(f"{node}: ") and "exits successfully" in x]
+        assert len(ended) == 1, (node, lines[-40:])
+    assert "signal received: saving a checkpoint" in output
+    assert not [p for p in psutil.process_iter(["cmdline"]) if _is_rank_of(p, out)]
+    tag, skipped = checkpoint.newest_valid(out / "checkpoints")
+    assert tag is not None and skipped == [] and int(tag.removeprefix("step")) >= 3
+
+
+def _is_rank_of(process: psutil.Process, out: Path) -> bool:
+    cmdline = process.info["cmdline"] or []
+    return "pretrain.train" in cmdline and f"--train.output_dir={out}" in cmdline

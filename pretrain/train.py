@@ -524,11 +524,10 @@ class Trainer:
         self.skipped_in_row = 0 if step.done else self.skipped_in_row + 1
         self.skipped_since_sound += 0 if step.done else 1
         if self.skipped_in_row >= self.cfg.train.max_skipped_steps:
-            saved = self.last_saved >= 0
-            where = self.ckpt_dir / checkpoint.tag_for(self.last_saved) if saved else "none"
             raise NonFiniteLossError(
                 f"the last {self.skipped_in_row} steps (to step {self.step}) all had non-finite"
-                f" losses: the run diverged; stopped without saving (last checkpoint: {where});"
+                f" losses: the run diverged; stopped without saving (last checkpoint:"
+                f" {self._last_sound()});"
                 " lower optim.lr, or raise train.max_skipped_steps"
             )
 

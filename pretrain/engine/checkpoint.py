@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -159,28 +158,15 @@ def check_tag(directory: str | Path, tag: str) -> None:
 # (found with torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3, fp32,
 # bf16 and fp16 saves): each is rebuilt from data, none runs code of the file's choosing.
 SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-_torch_load = torch.load  # the real one, also while the exporter patches torch.load
+NOT_OURS = "it was not written by this stack"
+RESTORE = "restore it, or delete its checkpoint folder to resume from an older one"
 
 
 def safe_load(path: str | Path, map_location=None, mmap: bool | None = None) -> Any:
     """torch.load with `weights_only=True` and only `SAFE_GLOBALS` allowed; anything else in
     the file is one clear error, and nothing in it runs."""
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return _torch_load(path, map_location=map_location, mmap=mmap, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise refused(path, err) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
-
-
-def refused(path: str | Path, err: pickle.UnpicklingError) -> UserError:
-    """The one line for a checkpoint file that a weights-only load refused."""
-    if re.search(r"GLOBAL ([\w.]+)", str(err)) is None:
-        fix = "restore it, or delete its checkpoint folder to resume from an older one"
-    else:
-        fix = "it was not written by this stack"
-    return pickles.refusal(path, err, fix)
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return pickles.load_tensors(path, map_location, mmap, hostile=NOT_OURS, corrupt=RESTORE)
 
 
 @contextlib.contextmanager

@@ -206,7 +206,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         return {k: v for f in files for k, v in load_file(str(f)).items()}
     bins = sorted(directory.glob("pytorch_model*.bin"))
     if bins:
-        return {k: v for f in bins for k, v in load_tensors(f).items()}
+        return {k: v for f in bins for k, v in load_tensors(f, map_location="cpu").items()}
     raise UserError(f"{directory} holds no model.safetensors or pytorch_model.bin")
 
 

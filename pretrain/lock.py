@@ -82,7 +82,7 @@ class RunLock:
         line of a stale lock taken over, if one was."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = Holder.this_process()
-        deadline = time.monotonic() + self.wait_s
+        start = time.monotonic()
         while True:
             handle = self.path.open("a+")
             holder = self._try_lock(handle, me)
@@ -91,14 +91,16 @@ class RunLock:
             handle.close()
             if holder is None:
                 continue  # locked a file its holder had just removed: take the new one
-            if holder.pid < 0 and time.monotonic() < deadline - self.wait_s + 2.0:
+            waited = time.monotonic() - start
+            if holder.pid < 0 and waited < 2.0:
                 time.sleep(0.1)  # held, its holder not yet written: it is starting too
                 continue
-            if not (me.job and holder.job == me.job) or time.monotonic() > deadline:
-                waited = f" (waited {self.wait_s:.0f} s for it)" if me.job == holder.job else ""
+            same_job = me.job is not None and holder.job == me.job
+            if not same_job or waited > self.wait_s:
+                note = f" (waited {self.wait_s:.0f} s for it)" if same_job else ""
                 raise FolderInUseError(
                     f"train.output_dir {self.path.parent} is in use by another run"
-                    f" ({holder.describe()}){waited}; wait for it to end, or choose another"
+                    f" ({holder.describe()}){note}; wait for it to end, or choose another"
                     " train.output_dir"
                 )
             time.sleep(1.0)  # our own job's predecessor, still saving: it ends soon

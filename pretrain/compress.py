@@ -27,6 +27,7 @@ from pathlib import Path
 from pretrain.config import Config
 from pretrain.data.tokenizer import MODEL_FILE, file_checksum
 from pretrain.errors import UserError, main_guard
+from pretrain.evaluate import held_out_batches
 from pretrain.export import compressed
 from pretrain.export.checkpoint import TrainedModel, checkpoint_folder, read_trained
 from pretrain.export.native import CONFIG, WEIGHTS
@@ -80,8 +81,6 @@ def report_config(
 def check_report_data(cfg: Config, trained: TrainedModel, eval_batches: int) -> None:
     """Before anything is written: the report's held-out data loads, fits the model's
     positions, and was tokenized with the model's tokenizer."""
-    from pretrain.report import held_out_batches
-
     if eval_batches < 1:
         raise UserError(f"--eval-batches must be at least 1, got {eval_batches}")
     model_file = trained.tokenizer_dir / MODEL_FILE

@@ -36,30 +36,24 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
 from pretrain.config import Config, ModelConfig, load_config
-from pretrain.data.baseline import token_counts, unigram_baseline
-from pretrain.data.loader import PretrainDataset, make_loader
-from pretrain.data.masking import IGNORE_INDEX
-from pretrain.data.shards import TokenShards
 from pretrain.data.tokenizer import MODEL_FILE, file_checksum
 from pretrain.errors import UserError, main_guard
+from pretrain.evaluate import baseline, evaluate, held_out_batches
 from pretrain.export import native
 from pretrain.export.checkpoint import checkpoint_folder, read_trained
 from pretrain.export.hf import CONFIG_FILE, load_hf
 from pretrain.model import SharedTransformer, SharingPlan, count
-from pretrain.model.accounting import TRAIN_FLOPS_PER_FORWARD
-from pretrain.objectives import compute_loss, model_inputs
-from pretrain.summary import predicted_fraction
+from pretrain.model.accounting import TRAIN_FLOPS_PER_FORWARD, predicted_fraction
+from pretrain.objectives import model_inputs
 
 WEIGHT_FILES = ("*.safetensors", "*.bin")
 """What counts as a model folder's weights on disk (not its tokenizer or config)."""
@@ -227,58 +221,6 @@ def load_for_report(path: str | Path, tokenizer: str | Path | None = None) -> Lo
 
 
 # -- measuring --------------------------------------------------------------------------------
-
-
-def held_out_batches(
-    cfg: Config, eval_batches: int, batch_size: int, checksum: str | None = None
-) -> tuple[list[dict[str, torch.Tensor]], PretrainDataset]:
-    """The first `eval_batches` batches of the held-out split: positions 0, 1, ..., each
-    built and masked from (train.seed, position) alone, so every call sees the same ones.
-    `checksum`: the model's tokenizer, which must be the data's."""
-    dataset = PretrainDataset(cfg, "valid")
-    if checksum is not None and checksum != dataset.tokenizer.info.checksum:
-        raise UserError(
-            f"the model was trained with another tokenizer than the data in {cfg.data.path}"
-            " (checksum differs); evaluate it on data tokenized with its own tokenizer"
-        )
-    loader = make_loader(dataset, 0, batch_size)
-    return list(islice(loader, eval_batches)), dataset
-
-
-def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T) target ids: the masked tokens (MLM) or the next tokens (causal LM)."""
-    return batch["mlm_labels"] if "mlm_labels" in batch else batch["labels"]
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, batches: list[dict[str, torch.Tensor]], cfg: Config
-) -> dict[str, float]:
-    """Held-out loss and accuracy of the token objective over every target of `batches`:
-    per-batch means weighted back into sums."""
-    key = "clm" if cfg.model.causal else "mlm"
-    loss_sum, correct, n = 0.0, 0.0, 0
-    for batch in batches:
-        _, metrics = compute_loss(model(**model_inputs(batch)), batch, cfg)
-        targets = int(metrics[f"{key}_tokens"])
-        if targets:  # a batch without targets has no loss (a causal one would be NaN)
-            loss_sum += float(metrics[f"{key}_loss"]) * targets
-            correct += float(metrics[f"{key}_acc"]) * targets
-            n += targets
-    if n == 0:
-        raise UserError(f"the held-out batches of {cfg.data.path} hold no {key} targets")
-    return {"eval_loss": loss_sum / n, "eval_acc": correct / n, "eval_targets": n}
-
-
-def baseline(
-    batches: list[dict[str, torch.Tensor]], dataset: PretrainDataset, cfg: Config
-) -> dict[str, float]:
-    """The unigram baseline (training split's token counts) on the targets of `batches`."""
-    labels = [_labels(b) for b in batches]
-    targets = np.concatenate([row[row != IGNORE_INDEX].numpy() for row in labels])
-    train = TokenShards(cfg.data.path, "train", dataset.tokenizer.info.checksum)
-    base = unigram_baseline(token_counts(train, cfg.model.vocab_size), targets)
-    return {"baseline_loss": base.loss, "baseline_acc": base.accuracy}
 
 
 def compute(cfg: Config) -> dict[str, float | int]:

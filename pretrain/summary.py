@@ -9,29 +9,10 @@ import argparse
 import json
 import sys
 
-import torch
-
 from pretrain.config import Config, load_config
 from pretrain.errors import main_guard
-from pretrain.model import Accounting, SharedTransformer, count
+from pretrain.model.accounting import Accounting, account
 from pretrain.sharing import SharingPlan
-
-
-def predicted_fraction(cfg: Config) -> float:
-    """Share of positions whose token logits a training step computes: the masked ones for
-    MLM (as many as ALBERT masks, capped at max_predictions), all of them for causal LM."""
-    if cfg.model.causal:
-        return 1.0
-    T = cfg.data.seq_length
-    per_sequence = min(cfg.objective.max_predictions, max(1, round(T * cfg.objective.mask_prob)))
-    return per_sequence / T
-
-
-def account(cfg: Config) -> Accounting:
-    """Accounting for one training token of `cfg` (model built on the meta device)."""
-    with torch.device("meta"):
-        model = SharedTransformer(cfg.model)
-    return count(model, cfg.data.seq_length, predicted_fraction(cfg))
 
 
 def _human(n: float) -> str:

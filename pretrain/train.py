@@ -42,9 +42,9 @@ from pretrain.metrics import (
     throughput,
 )
 from pretrain.model import SharedTransformer
+from pretrain.model.accounting import account
 from pretrain.objectives import compute_loss, distill, model_inputs
 from pretrain.preflight import check_output_dir
-from pretrain.summary import account
 
 
 class NonFiniteLossError(UserError):

@@ -19,7 +19,7 @@ from pretrain.config import (
     reference,
 )
 from pretrain.model import STRATEGIES, SharedTransformer
-from pretrain.summary import account
+from pretrain.model.accounting import account
 
 SMOKE = {"tiny-albert.yaml", "tiny-llama.yaml"}
 

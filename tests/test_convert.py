@@ -17,7 +17,7 @@ from pretrain.engine.checkpoint import write_manifest
 from pretrain.export.checkpoint import read_checkpoint
 from pretrain.export.hf import save_hf
 from pretrain.export.native import load_model, save_native
-from pretrain.summary import account
+from pretrain.model.accounting import account
 
 transformers.logging.set_verbosity_error()
 TOL = 1e-5

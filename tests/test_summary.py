@@ -15,8 +15,8 @@ from pretrain.config import Config, load_config
 from pretrain.data.masking import IGNORE_INDEX
 from pretrain.export import hf_albert, hf_llama
 from pretrain.model import SharedTransformer, count
+from pretrain.model.accounting import account
 from pretrain.objectives import compute_loss, model_inputs
-from pretrain.summary import account
 
 
 def hf_param_count(model) -> int:

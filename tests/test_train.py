@@ -347,7 +347,7 @@ def test_two_nodes_on_one_machine_equal_one_node(straight, shards_dir, tmp_path,
 
 def test_gradient_traffic_scales_with_unique_parameters(shards_dir, tmp_path):
     from pretrain.config import load_config
-    from pretrain.summary import account
+    from pretrain.model.accounting import account
 
     moved, unique = {}, {}
     for strategy in ("all", "none"):
@@ -374,7 +374,7 @@ def test_zero3_gathers_a_shared_set_once_per_step(shards_dir, tmp_path):
     the block runs: 8 applications gather the bytes of 4 (DeepSpeed alone, still tracing,
     gathers per application there: 1.7 times as many bytes at 8 as at 4)."""
     from pretrain.config import load_config
-    from pretrain.summary import account
+    from pretrain.model.accounting import account
 
     gathered = {}
     for steps, layers in ((3, 4), (5, 4), (3, 8)):

@@ -11,7 +11,7 @@ import pytest
 from helpers import REPO, run_single
 
 from pretrain.config import load_config
-from pretrain.summary import account
+from pretrain.model.accounting import account
 
 pytestmark = pytest.mark.e2e
 

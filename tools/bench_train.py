@@ -50,8 +50,8 @@ from pretrain.export.hf import HFReference, hf_model
 from pretrain.hardware import cached_peak, choose_precision, device_name
 from pretrain.metrics import peak_tflops, sync, throughput
 from pretrain.model import SharedTransformer
+from pretrain.model.accounting import account
 from pretrain.objectives import compute_loss, model_inputs
-from pretrain.summary import account
 
 REPO = Path(__file__).resolve().parents[1]
 _GIB = 2**30

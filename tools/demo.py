@@ -20,7 +20,7 @@ from pretrain.data.baseline import held_out_baseline
 from pretrain.data.corpus import prepare_default_data
 from pretrain.engine.checkpoint import newest_valid, read_run_state
 from pretrain.errors import main_guard
-from pretrain.summary import account
+from pretrain.model.accounting import account
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo.yaml"

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pretrain.config import Config
-from pretrain.data.masking import IGNORE_INDEX
 from pretrain.data.shards import TokenShards
+from pretrain.labels import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

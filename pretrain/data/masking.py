@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE_INDEX = -100
-"""Label of positions that are not predicted (the default `ignore_index` of cross-entropy)."""
+from pretrain.labels import IGNORE_INDEX
 
 _MASK_FRACTION = 0.8  # of the selected tokens become [MASK] ...
 _KEEP_FRACTION = 0.1  # ... stay unchanged, and the remaining 0.1 become a random token

@@ -29,12 +29,11 @@ from pretrain.config import Config, ModelConfig
 from pretrain.engine.checkpoint import safe_load
 from pretrain.engine.consolidate import stage_fp32_state_dict
 from pretrain.model import ModelOutput, SharedTransformer
-from pretrain.model.accounting import count
+from pretrain.model.accounting import count, predicted_fraction
 from pretrain.model.blocks import LayerContext
 from pretrain.objectives import compute_loss
 from pretrain.objectives.mlm import predict_mask
 from pretrain.sharing import SharingPlan
-from pretrain.summary import predicted_fraction
 
 Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """(h_BTH, attention_mask_BT, labels_BT): what one stage hands the next."""

@@ -86,7 +86,7 @@ def _datasets(shards: Path) -> list[str]:
 
 def _figures(cfg: ModelConfig, facts: RunFacts | None) -> tuple[Any, int]:
     """Accounting of the model at its training sequence length (else its longest)."""
-    from pretrain.summary import account
+    from pretrain.model.accounting import account
 
     if facts is not None:
         run = facts.config

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
+from pretrain.config import Config
 from pretrain.model.transformer import SharedTransformer
 
 TRAIN_FLOPS_PER_FORWARD = 3  # backward costs twice the forward
@@ -106,3 +108,20 @@ def count(model: SharedTransformer, seq_length: int, predicted_fraction: float =
         sop = model.sop_head
         add("heads.sop", _params(sop), _params(sop), _linear_flops(sop) / T)
     return acc
+
+
+def predicted_fraction(cfg: Config) -> float:
+    """Share of positions whose token logits a training step computes: the masked ones for
+    MLM (as many as ALBERT masks, capped at max_predictions), all of them for causal LM."""
+    if cfg.model.causal:
+        return 1.0
+    T = cfg.data.seq_length
+    per_sequence = min(cfg.objective.max_predictions, max(1, round(T * cfg.objective.mask_prob)))
+    return per_sequence / T
+
+
+def account(cfg: Config) -> Accounting:
+    """Accounting for one training token of `cfg` (model built on the meta device)."""
+    with torch.device("meta"):
+        model = SharedTransformer(cfg.model)
+    return count(model, cfg.data.seq_length, predicted_fraction(cfg))

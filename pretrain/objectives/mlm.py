@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pretrain.data.masking import IGNORE_INDEX
+from pretrain.labels import IGNORE_INDEX
 
 
 def predict_mask(labels_BT: torch.Tensor) -> torch.Tensor:

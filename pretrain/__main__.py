@@ -1,5 +1,10 @@
-"""Commands run before any rank starts, so that a mistake ends in one line instead of one
-traceback per rank:
+"""The `pretrain` command: one verb per job, each an argument parser and one library call.
+
+    pretrain VERB [ARGS ...]      (or python -m pretrain VERB ...; pretrain VERB --help)
+
+Verbs of other modules (VERBS below): train, summary, report, compress, convert, finetune,
+sweep, bench, check-learning. The verbs here run before any rank starts, so that a mistake
+ends in one line instead of one traceback per rank:
 
     python -m pretrain config CONFIG [--dotted.overrides]   the config, resolved, as YAML
     python -m pretrain config CONFIG --diff [...]           only what differs from the defaults
@@ -15,6 +20,7 @@ distillation teacher (distill.teacher) loads with the student's tokenizer and vo
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -22,25 +28,46 @@ import yaml
 
 from pretrain.config import ConfigError, load_config, to_dict
 from pretrain.config.reference import diff_text, help_text
-from pretrain.errors import main_guard
+from pretrain.errors import did_you_mean, main_guard
 from pretrain.preflight import check_data, check_distill, check_output_dir
 
 # torch is imported only by the commands that need it: the launchers run `check` before
 # every job, and importing torch there would cost more than the check itself.
 
+VERBS = {
+    # verb: (module whose main(argv) runs it, what it does)
+    "train": ("pretrain.train", "pretrain one rank (the launchers start every rank)"),
+    "summary": ("pretrain.summary", "parameters and FLOPs per token of a config"),
+    "report": ("pretrain.report", "size, held-out quality, compute and speed of models"),
+    "compress": ("pretrain.compress", "int8 and pruned exports of a trained model"),
+    "convert": ("pretrain.convert", "a checkpoint to native or Hugging Face; import from HF"),
+    "finetune": ("pretrain.finetune", "fine-tune an export with Hugging Face's Trainer"),
+    "sweep": ("pretrain.study", "the sharing study: train and compare sharing plans"),
+    "bench": ("pretrain.bench_train", "tokens/s and MFU of ours beside Hugging Face's"),
+    "check-learning": ("pretrain.check_learning", "can tiny models learn a copy task"),
+}
+OWN_VERBS = ("config", "check", "machine")
 USAGE = (
-    "usage: python -m pretrain (config | check) CONFIG [--dotted.overrides ...];"
-    " python -m pretrain config --help lists every key; python -m pretrain machine"
+    "usage: pretrain (config | check) CONFIG [--dotted.overrides ...]; pretrain config --help"
+    " lists every key; pretrain machine; pretrain (" + " | ".join(VERBS) + ") ARGS"
 )
 HELP = ("-h", "--help")
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] and argv[0] in VERBS:
+        module = importlib.import_module(VERBS[argv[0]][0])
+        return module.main(argv[1:])
+    if argv[:1] and argv[0] not in (*OWN_VERBS, *HELP):
+        raise ConfigError(
+            f"unknown verb {argv[0]!r}{did_you_mean(argv[0], [*VERBS, *OWN_VERBS])}; {USAGE}"
+        )
     if argv[:1] == ["config"] and any(a in HELP for a in argv[1:]):
         print(help_text(), end="")
         return 0
     if argv[:1] and argv[0] in HELP:
         print(__doc__.strip())
+        print("\n".join(f"    pretrain {verb:<15} {doc}" for verb, (_, doc) in VERBS.items()))
         return 0
     if argv == ["machine"]:
         import torch
@@ -70,5 +97,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The installed `pretrain` command."""
     main_guard(lambda: main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    console()

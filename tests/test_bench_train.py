@@ -4,13 +4,13 @@ score the same batch with the same loss, and every figure it prints is there."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 import pytest
 import torch
 from helpers import REPO
 
+from pretrain import bench_train
 from pretrain.config import ConfigError, load_config
 
 
@@ -108,9 +108,6 @@ def test_the_engine_path_of_both_precisions_is_refused_in_one_line(cli):
 def test_fit_batch_halves_the_micro_batch_until_it_fits(monkeypatch):
     """--fit-batch finds the largest micro-batch that fits (a GPU's out-of-memory is raised
     here for batches over 4); without it, one line names the fix."""
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "tools/bench_train.py")
-    bench_train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_train)
     tried = []
 
     def report(cfg, args, device, precision):

@@ -10,11 +10,11 @@ import transformers
 from helpers import random_ids, tiny_config, tiny_hf_config, tiny_model
 
 from pretrain.config import ConfigError, SharingConfig
+from pretrain.convert import main, parse_share
 from pretrain.errors import UserError
 from pretrain.export import hf, native
 from pretrain.model import SharedTransformer
 from pretrain.model.compress import compress
-from tools.convert_checkpoint import main, parse_share
 
 TOL = 1e-5
 

@@ -5,25 +5,16 @@ transformers out of an import of pretrain.export (engine/ in turn imports no exp
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import typing
 
 import pytest
 from helpers import REPO
 
+from pretrain import convert
 from pretrain.config import ModelConfig
 from pretrain.errors import UserError, main_guard
 from pretrain.export import hf
-
-
-def tool():
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", REPO / "tools/convert_checkpoint.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.unit
@@ -64,7 +55,6 @@ def test_unknown_model_type_is_one_error_naming_the_formats(tmp_path, capsys):
         hf.load_hf(tmp_path / "hf")
     expected = "cannot import model_type 'gpt2'; supported: albert, bert, llama"
     assert str(err.value) == expected
-    convert = tool()
     argv = [
         "--from-hf",
         str(tmp_path / "hf"),

@@ -16,8 +16,8 @@ import torch
 import transformers
 from helpers import WORDS, run_process, tiny_hf_config
 
+from pretrain import finetune as ft
 from pretrain.errors import UserError
-from tools import finetune as ft
 
 SPECIAL_TOKENS = {
     "unk_token": "<unk>",

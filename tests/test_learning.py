@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tools.check_learning import SYMBOLS, VARIANTS
+from pretrain.check_learning import SYMBOLS, VARIANTS
 
 pytestmark = pytest.mark.distributed
 

@@ -1,25 +1,20 @@
-"""tools/sweep.py: its sweep files, and the machinery (one tiny sweep end to end, resume,
-the CSV, table and plot it writes), never its numbers: a sweep is a benchmark."""
+"""The sharing study (pretrain/study.py, tools/sweep.py): its sweep files, and the
+machinery (one tiny sweep end to end, resume, the CSV, table and plot it writes), never its
+numbers: a sweep is a benchmark."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers import REPO
 
+from pretrain import study as sweep
 from pretrain.config import ConfigError
 from pretrain.sharing import SharingPlan
-
-_spec = importlib.util.spec_from_file_location("sweep", REPO / "tools" / "sweep.py")
-sweep = importlib.util.module_from_spec(_spec)
-sys.modules["sweep"] = sweep  # its dataclasses look their module up
-_spec.loader.exec_module(sweep)
 
 FIGURES = "figures.json"
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))

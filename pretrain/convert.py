@@ -1,0 +1,142 @@
+"""Convert a training checkpoint to a native or Hugging Face model folder, or import one.
+
+    python tools/convert_checkpoint.py --checkpoint runs/demo --format hf --output out/ [--verify]
+        [--tag step00000600] [--tokenizer DIR]
+    python tools/convert_checkpoint.py --from-hf HF_DIR --format native --output out/
+        [--share strategy=all,start=2,end=7,ratio=0.7] [--verify]
+
+Reads DeepSpeed checkpoints of any ZeRO stage and rank count (consolidated to fp32 by
+DeepSpeed's zero_to_fp32, loading with weights_only=True). `--format hf` writes the
+Hugging Face format of the model's family (pretrain.export.hf.FORMATS: ALBERT for the
+albert family, Llama for llama) as a folder that transformers loads offline. `--share`
+compresses an imported model into a sharing plan (`SharedTransformer.share_params`, the
+same code: sets are layer means, relaxed deltas the truncated SVD of each layer's rest);
+a plan the model cannot take is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from pretrain.config import ModelConfig, SharingConfig, from_dict
+from pretrain.data.tokenizer import MODEL_FILE
+from pretrain.errors import UserError, main_guard
+from pretrain.export import hf, native
+from pretrain.export.card import CARD, LICENSE, RunFacts
+from pretrain.export.checkpoint import read_trained
+from pretrain.export.verify import max_logit_diff
+from pretrain.model import SharedTransformer
+from pretrain.model.compress import compress
+
+VERIFY = {"native": native.verify, "hf": hf.verify}
+
+
+def check_output(output: Path) -> None:
+    if output.exists() and any(output.iterdir()):
+        raise UserError(f"--output {output} is not empty; choose a new folder")
+
+
+def parse_share(text: str) -> SharingConfig:
+    """`strategy=sequence,num_sets=4` -> SharingConfig (checked like any config)."""
+    fields = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        fields[key.strip()] = yaml.safe_load(value)
+    return from_dict(SharingConfig, fields, "--share")
+
+
+def our_model(state: dict[str, torch.Tensor], cfg: ModelConfig) -> SharedTransformer:
+    model = SharedTransformer(cfg)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def report_verify(state: dict[str, torch.Tensor], cfg: ModelConfig, output: Path, fmt: str) -> None:
+    diff = VERIFY[fmt](our_model(state, cfg), output)
+    print(f"verify: max |logit diff| = {diff:.3e}")
+
+
+def export(args) -> int:
+    trained = read_trained(args.checkpoint, args.tag, args.tokenizer)
+    tokenizer = trained.tokenizer_dir
+    if not (tokenizer / MODEL_FILE).is_file():  # a native import has no tokenizer of ours
+        if args.format == "hf":
+            raise UserError(
+                f"{trained.where} has no tokenizer of ours ({tokenizer} missing) and a Hugging"
+                " Face export writes one: pass --tokenizer DIR"
+            )
+        tokenizer = None
+    print(f"read {trained.where}: {sum(v.numel() for v in trained.state.values()):,} parameters")
+    if args.format == "native":
+        native.save_native(trained.state, trained.cfg, tokenizer, args.output)
+    else:
+        for note in hf.export_notes(trained.cfg):
+            print(note)
+        run = trained.run_state
+        facts = None if run is None else RunFacts.from_run(run, trained.where)
+        hf.save_hf(trained.state, trained.cfg, tokenizer, args.output, facts, args.license)
+        print(f"wrote the model card {args.output / CARD}")
+    print(f"wrote {args.format} model to {args.output}")
+    if args.verify:
+        report_verify(trained.state, trained.cfg, args.output, args.format)
+    return 0
+
+
+def import_hf(args) -> int:
+    if args.format != "native":
+        raise UserError("--from-hf imports into our format: use --format native")
+    state, cfg, fmt = hf.load_hf(args.from_hf)
+    imported = state, cfg
+    if args.share:
+        state, cfg, report = compress(state, cfg, parse_share(args.share))
+        print("\n".join(report.lines()))
+    native.save_native(state, cfg, None, args.output)
+    parameters = sum(v.numel() for v in state.values())
+    print(f"imported {fmt.model_type} ({parameters:,} parameters) to {args.output}")
+    if args.verify:
+        report_verify(state, cfg, args.output, "native")
+        if args.share:
+            diff = max_logit_diff(our_model(*imported), our_model(state, cfg))
+            print(f"compression: max |logit diff| against the imported model = {diff:.3e}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python tools/convert_checkpoint.py", description=__doc__.split("\n")[0]
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="run directory or its checkpoints/ folder")
+    source.add_argument(
+        "--from-hf", help=f"Hugging Face model folder to import ({', '.join(hf.FORMATS)})"
+    )
+    parser.add_argument("--tag", help="checkpoint tag (default: latest)")
+    parser.add_argument("--tokenizer", help="tokenizer folder, if not next to the shards")
+    parser.add_argument("--format", choices=("native", "hf"), required=True)
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--verify", action="store_true", help="compare logits after writing")
+    parser.add_argument(
+        "--license", default=LICENSE, help=f"the model card's license (default: {LICENSE})"
+    )
+    parser.add_argument(
+        "--share",
+        help="with --from-hf: compress into a sharing plan (model.sharing keys), e.g."
+        " strategy=all,start=2,end=7,ratio=0.7",
+    )
+    args = parser.parse_args(argv)
+    if args.share and not args.from_hf:
+        raise UserError(
+            "--share compresses an imported model: use it with --from-hf (a trained model"
+            " converts in Python with SharedTransformer.share_params)"
+        )
+    check_output(args.output)
+    return import_hf(args) if args.from_hf else export(args)
+
+
+if __name__ == "__main__":
+    main_guard(lambda: main(sys.argv[1:]))

@@ -2,9 +2,8 @@
 
     pretrain VERB [ARGS ...]      (or python -m pretrain VERB ...; pretrain VERB --help)
 
-Verbs of other modules (VERBS below): train, summary, report, compress, convert, finetune,
-sweep, bench, check-learning. The verbs here run before any rank starts, so that a mistake
-ends in one line instead of one traceback per rank:
+The verbs of other modules are in VERBS (pretrain --help lists them). The verbs here run
+before any rank starts, so that a mistake ends in one line instead of one traceback per rank:
 
     python -m pretrain config CONFIG [--dotted.overrides]   the config, resolved, as YAML
     python -m pretrain config CONFIG --diff [...]           only what differs from the defaults

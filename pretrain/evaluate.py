@@ -34,7 +34,7 @@ def held_out_batches(
     return list(islice(loader, eval_batches)), dataset
 
 
-def target_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, T) target ids: the masked tokens (MLM) or the next tokens (causal LM)."""
     return batch["mlm_labels"] if "mlm_labels" in batch else batch["labels"]
 
@@ -63,7 +63,7 @@ def baseline(
     batches: list[dict[str, torch.Tensor]], dataset: PretrainDataset, cfg: Config
 ) -> dict[str, float]:
     """The unigram baseline (training split's token counts) on the targets of `batches`."""
-    labels = [target_labels(b) for b in batches]
+    labels = [_labels(b) for b in batches]
     targets = np.concatenate([row[row != IGNORE_INDEX].numpy() for row in labels])
     train = TokenShards(cfg.data.path, "train", dataset.tokenizer.info.checksum)
     base = unigram_baseline(token_counts(train, cfg.model.vocab_size), targets)

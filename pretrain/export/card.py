@@ -14,6 +14,7 @@ import yaml
 
 from pretrain.config import Config, ModelConfig, from_dict
 from pretrain.data.tokenizer import Tokenizer
+from pretrain.model.accounting import account
 from pretrain.sharing import SharingPlan
 
 CARD = "README.md"
@@ -86,8 +87,6 @@ def _datasets(shards: Path) -> list[str]:
 
 def _figures(cfg: ModelConfig, facts: RunFacts | None) -> tuple[Any, int]:
     """Accounting of the model at its training sequence length (else its longest)."""
-    from pretrain.model.accounting import account
-
     if facts is not None:
         run = facts.config
     else:

@@ -39,24 +39,61 @@ def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["mlm_labels"] if "mlm_labels" in batch else batch["labels"]
 
 
+class HeldOut:
+    """Sums of held-out metrics, each weighted by what it is a mean over: an objective's
+    loss and accuracy by its targets (`mlm_tokens`, `clm_tokens`), the target counts
+    summed, every other metric (SOP, the total loss, KD) by batches. So the result is the
+    metric over all targets, however they fell into batches, ranks or replicas."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
+        """One batch's metrics. Every key is summed on every call, so ranks hold the same
+        keys for one all-reduce, however their batches fell."""
+        for key, value in metrics.items():
+            if key.endswith("_tokens"):
+                self.sums[key] = self.sums.get(key, 0.0) + float(value)
+                continue
+            weight = _weight(key, metrics)
+            # a batch without targets has no loss (a causal one's is NaN): weight 0, sum 0
+            weighted = float(value) * weight if weight else 0.0
+            self.sums[key] = self.sums.get(key, 0.0) + weighted
+            self.sums[f"{key}/weight"] = self.sums.get(f"{key}/weight", 0.0) + weight
+
+    def means(self, sums: dict[str, float] | None = None) -> dict[str, float]:
+        """Each metric's weighted mean and each target count's total. `sums`: these sums
+        combined over ranks (all-reduced), when not this rank's own."""
+        sums = self.sums if sums is None else sums
+        out = {}
+        for key, value in sums.items():
+            if key.endswith("_tokens"):
+                out[key] = value
+            elif not key.endswith("/weight") and sums[f"{key}/weight"] > 0:
+                out[key] = value / sums[f"{key}/weight"]
+        return out
+
+
+def _weight(key: str, metrics: dict[str, torch.Tensor | float]) -> float:
+    objective = key.rsplit("_", 1)[0]
+    count = metrics.get(f"{objective}_tokens")
+    return 1.0 if count is None else float(count)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, batches: list[dict[str, torch.Tensor]], cfg: Config
 ) -> dict[str, float]:
-    """Held-out loss and accuracy of the token objective over every target of `batches`:
-    per-batch means weighted back into sums."""
+    """Held-out loss and accuracy of the token objective over every target of `batches`."""
     key = "clm" if cfg.model.causal else "mlm"
-    loss_sum, correct, n = 0.0, 0.0, 0
+    held_out = HeldOut()
     for batch in batches:
-        _, metrics = compute_loss(model(**model_inputs(batch)), batch, cfg)
-        targets = int(metrics[f"{key}_tokens"])
-        if targets:  # a batch without targets has no loss (a causal one would be NaN)
-            loss_sum += float(metrics[f"{key}_loss"]) * targets
-            correct += float(metrics[f"{key}_acc"]) * targets
-            n += targets
+        held_out.add(compute_loss(model(**model_inputs(batch)), batch, cfg)[1])
+    means = held_out.means()
+    n = int(means.get(f"{key}_tokens", 0))
     if n == 0:
         raise UserError(f"the held-out batches of {cfg.data.path} hold no {key} targets")
-    return {"eval_loss": loss_sum / n, "eval_acc": correct / n, "eval_targets": n}
+    return {"eval_loss": means[f"{key}_loss"], "eval_acc": means[f"{key}_acc"], "eval_targets": n}
 
 
 def baseline(

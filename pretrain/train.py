@@ -31,6 +31,7 @@ from pretrain.config import Config, ConfigError, load_config, to_dict
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine import checkpoint, pipeline, runtime
 from pretrain.errors import UserError, print_error
+from pretrain.evaluate import HeldOut
 from pretrain.export import native
 from pretrain.export.teacher import TeacherSource, describe_teacher, load_teacher
 from pretrain.lock import FolderInUseError, RunLock
@@ -430,18 +431,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean metrics over the same train.eval_steps held-out batches every time."""
+        """Metrics over every target of the same train.eval_steps held-out batches per
+        replica each time (pretrain.evaluate.HeldOut: weighted by targets, not per-batch
+        means), and the targets scored over all replicas."""
         e = self.cfg.engine
         loader = iter(make_loader(self.eval_data, 0, e.micro_batch_size, *self.replica()))
         self.engine.eval()
-        sums: dict[str, float] = {}
+        held_out = HeldOut()
         for _ in range(self.cfg.train.eval_steps):
-            metrics = self._eval_metrics(next(loader))
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            held_out.add(self._eval_metrics(next(loader)))
         self.engine.train()
-        means = {f"eval_{k}": v / self.cfg.train.eval_steps for k, v in sums.items()}
-        return runtime.mean_across_ranks(self._from_last_stage(means), self.world.device)
+        # every rank holds its replica's sums: their mean over ranks has the same ratios
+        sums = runtime.mean_across_ranks(self._from_last_stage(held_out.sums), self.world.device)
+        replicas = self.replica()[1]
+        means = held_out.means(
+            {k: v * replicas if k.endswith("_tokens") else v for k, v in sums.items()}
+        )
+        return {f"eval_{k}": v for k, v in means.items()}
 
     def _eval_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One held-out micro-batch's metrics (pipelined: the last stage's, the loss

@@ -36,6 +36,7 @@ from pretrain.data.corpus import prepare_default_data
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.engine.optim import budget_warmup, build_optimizer, build_scheduler
 from pretrain.errors import main_guard
+from pretrain.evaluate import HeldOut, held_out_batches
 from pretrain.export.hf import HFReference, hf_model
 from pretrain.hardware import choose_precision
 from pretrain.model import SharedTransformer
@@ -88,23 +89,14 @@ class Learner:
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """Held-out MLM loss and accuracy over every target of `batches`."""
         self.model.eval()
-        loss_sum, correct, n = 0.0, 0.0, 0
+        held_out = HeldOut()
         for batch in batches:
             with self.autocast():
                 logits_NV = self.model(**model_inputs(batch)).logits
-            loss, metrics = mlm_loss(logits_NV, batch["mlm_labels"])
-            targets = int(metrics["mlm_tokens"])  # per-batch means, weighted back to sums
-            loss_sum += float(loss) * targets
-            correct += float(metrics["mlm_acc"]) * targets
-            n += targets
+            held_out.add(mlm_loss(logits_NV, batch["mlm_labels"])[1])
         self.model.train()
-        return loss_sum / n, correct / n
-
-
-def held_out(cfg: Config, batch: int) -> list[dict[str, torch.Tensor]]:
-    """The same train.eval_steps held-out batches the trainer evaluates on."""
-    loader = iter(make_loader(PretrainDataset(cfg, "valid"), 0, batch))
-    return [next(loader) for _ in range(cfg.train.eval_steps)]
+        means = held_out.means()
+        return means["mlm_loss"], means["mlm_acc"]
 
 
 def build(cfg: Config, reference: bool) -> list[torch.nn.Module]:
@@ -124,7 +116,8 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
     every = args.every or max(steps // 10, 1)
     e = cfg.engine
     batch = e.micro_batch_size * e.grad_accum_steps * args.ranks
-    eval_batches = held_out(cfg, e.micro_batch_size * args.ranks)
+    # the same train.eval_steps held-out batches the trainer evaluates on
+    eval_batches, _ = held_out_batches(cfg, cfg.train.eval_steps, e.micro_batch_size * args.ranks)
     baseline = held_out_baseline(cfg, cfg.train.eval_steps * e.micro_batch_size * args.ranks)
     choice = choose_precision(args.precision or cfg.engine.precision, torch.device("cpu"))
     if choice.message:
@@ -202,7 +195,7 @@ def verdict(result: dict) -> str:
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
-    if cfg.model.family != "albert":
+    if cfg.model.causal:
         raise ConfigError("the learning A/B compares masked-LM models: use an albert-family config")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,6 +8,7 @@ before any rank starts, so that a mistake ends in one line instead of one traceb
     python -m pretrain config CONFIG [--dotted.overrides]   the config, resolved, as YAML
     python -m pretrain config CONFIG --diff [...]           only what differs from the defaults
     python -m pretrain config --help                        every key: type, default, doc
+    python -m pretrain config --markdown                    the same as docs/config.md
     python -m pretrain check CONFIG [--dotted.overrides]    also what the run reads and writes
     python -m pretrain machine                              CPU class / GPU, matmul peaks,
                                                             what engine.precision=auto runs
@@ -26,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from pretrain.config import ConfigError, load_config, to_dict
-from pretrain.config.reference import diff_text, help_text
+from pretrain.config.reference import diff_text, help_text, markdown
 from pretrain.errors import did_you_mean, main_guard
 from pretrain.preflight import check_data, check_distill, check_output_dir
 
@@ -34,7 +35,10 @@ from pretrain.preflight import check_data, check_distill, check_output_dir
 # every job, and importing torch there would cost more than the check itself.
 
 VERBS = {
-    # verb: (module whose main(argv) runs it, what it does)
+    # verb: (module whose main(argv) runs it, or module:function, what it does)
+    "prepare-corpus": ("pretrain.prepare:corpus_main", "copy the default corpus into a folder"),
+    "tokenizer": ("pretrain.prepare:tokenizer_main", "train a SentencePiece tokenizer"),
+    "preprocess": ("pretrain.prepare:preprocess_main", "tokenize text into token shards"),
     "train": ("pretrain.train", "pretrain one rank (the launchers start every rank)"),
     "summary": ("pretrain.summary", "parameters and FLOPs per token of a config"),
     "report": ("pretrain.report", "size, held-out quality, compute and speed of models"),
@@ -55,14 +59,17 @@ HELP = ("-h", "--help")
 
 def main(argv: list[str]) -> int:
     if argv[:1] and argv[0] in VERBS:
-        module = importlib.import_module(VERBS[argv[0]][0])
-        return module.main(argv[1:])
+        module, _, function = VERBS[argv[0]][0].partition(":")
+        return getattr(importlib.import_module(module), function or "main")(argv[1:])
     if argv[:1] and argv[0] not in (*OWN_VERBS, *HELP):
         raise ConfigError(
             f"unknown verb {argv[0]!r}{did_you_mean(argv[0], [*VERBS, *OWN_VERBS])}; {USAGE}"
         )
     if argv[:1] == ["config"] and any(a in HELP for a in argv[1:]):
         print(help_text(), end="")
+        return 0
+    if argv == ["config", "--markdown"]:
+        print(markdown(), end="")
         return 0
     if argv[:1] and argv[0] in HELP:
         print(__doc__.strip())

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
+from pretrain.__main__ import VERBS
+
 # Prints what importing every module of the given packages loads: the pretrain modules
 # (with their files) and whether deepspeed and torch came with them.
 PROBE = """
@@ -25,8 +27,12 @@ print(json.dumps({"pretrain": loaded, "deepspeed": "deepspeed" in sys.modules,
                   "torch": "torch" in sys.modules}))
 """
 
-# The modules that are command lines (argparse and a main): the library never loads them.
-COMMAND_LINES = ("pretrain.__main__", "pretrain.summary", "pretrain.report", "pretrain.compress")
+# The modules that are command lines (the verbs' argparse and main, but the trainer's, whose
+# loop is the library's): the library never loads them.
+COMMAND_LINES = tuple(
+    {"pretrain.__main__"}
+    | {target.partition(":")[0] for target, _ in VERBS.values()} - {"pretrain.train"}
+)
 
 
 def loaded_by(cli, *packages: str) -> dict:
@@ -91,7 +97,9 @@ def test_the_model_and_data_load_no_deepspeed_and_no_module_of_theirs_imports_di
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("package", ["pretrain.config", "pretrain.sharing", "pretrain.labels"])
+@pytest.mark.parametrize(
+    "package", ["pretrain.config", "pretrain.sharing", "pretrain.labels", "pretrain.families"]
+)
 def test_configs_and_plans_are_checked_without_torch(cli, package):
     assert not loaded_by(cli, package)["torch"]
 

@@ -3,13 +3,13 @@
     python tools/convert_checkpoint.py --checkpoint runs/demo --format hf --output out/ [--verify]
         [--tag step00000600] [--tokenizer DIR]
     python tools/convert_checkpoint.py --from-hf HF_DIR --format native --output out/
-        [--share strategy=all,start=2,end=7,ratio=0.7] [--verify]
+        [--reshare strategy=all,start=2,end=7,ratio=0.7] [--verify]
 
 Reads DeepSpeed checkpoints of any ZeRO stage and rank count (consolidated to fp32 by
 DeepSpeed's zero_to_fp32, loading with weights_only=True). `--format hf` writes the
 Hugging Face format of the model's family (pretrain.export.hf.FORMATS: ALBERT for the
-albert family, Llama for llama) as a folder that transformers loads offline. `--share`
-compresses an imported model into a sharing plan (`SharedTransformer.share_params`, the
+albert family, Llama for llama) as a folder that transformers loads offline. `--reshare`
+puts an imported model under a sharing plan (`SharedTransformer.share_params`, the
 same code: sets are layer means, relaxed deltas the truncated SVD of each layer's rest);
 a plan the model cannot take is refused before anything is written.
 """
@@ -31,7 +31,7 @@ from pretrain.export.card import CARD, LICENSE, RunFacts
 from pretrain.export.checkpoint import read_trained
 from pretrain.export.verify import max_logit_diff
 from pretrain.model import SharedTransformer
-from pretrain.model.compress import compress
+from pretrain.model.reshare import reshare
 
 VERIFY = {"native": native.verify, "hf": hf.verify}
 
@@ -41,13 +41,13 @@ def check_output(output: Path) -> None:
         raise UserError(f"--output {output} is not empty; choose a new folder")
 
 
-def parse_share(text: str) -> SharingConfig:
+def parse_reshare(text: str) -> SharingConfig:
     """`strategy=sequence,num_sets=4` -> SharingConfig (checked like any config)."""
     fields = {}
     for part in text.split(","):
         key, _, value = part.partition("=")
         fields[key.strip()] = yaml.safe_load(value)
-    return from_dict(SharingConfig, fields, "--share")
+    return from_dict(SharingConfig, fields, "--reshare")
 
 
 def our_model(state: dict[str, torch.Tensor], cfg: ModelConfig) -> SharedTransformer:
@@ -92,17 +92,17 @@ def import_hf(args) -> int:
         raise UserError("--from-hf imports into our format: use --format native")
     state, cfg, fmt = hf.load_hf(args.from_hf)
     imported = state, cfg
-    if args.share:
-        state, cfg, report = compress(state, cfg, parse_share(args.share))
+    if args.reshare:
+        state, cfg, report = reshare(state, cfg, parse_reshare(args.reshare))
         print("\n".join(report.lines()))
     native.save_native(state, cfg, None, args.output)
     parameters = sum(v.numel() for v in state.values())
     print(f"imported {fmt.model_type} ({parameters:,} parameters) to {args.output}")
     if args.verify:
         report_verify(state, cfg, args.output, "native")
-        if args.share:
+        if args.reshare:
             diff = max_logit_diff(our_model(*imported), our_model(state, cfg))
-            print(f"compression: max |logit diff| against the imported model = {diff:.3e}")
+            print(f"resharing: max |logit diff| against the imported model = {diff:.3e}")
     return 0
 
 
@@ -124,15 +124,17 @@ def main(argv: list[str]) -> int:
         "--license", default=LICENSE, help=f"the model card's license (default: {LICENSE})"
     )
     parser.add_argument(
-        "--share",
-        help="with --from-hf: compress into a sharing plan (model.sharing keys), e.g."
+        "--reshare",
+        "--share",  # its earlier name
+        dest="reshare",
+        help="with --from-hf: reshare into a sharing plan (model.sharing keys), e.g."
         " strategy=all,start=2,end=7,ratio=0.7",
     )
     args = parser.parse_args(argv)
-    if args.share and not args.from_hf:
+    if args.reshare and not args.from_hf:
         raise UserError(
-            "--share compresses an imported model: use it with --from-hf (a trained model"
-            " converts in Python with SharedTransformer.share_params)"
+            "--reshare changes an imported model's sharing plan: use it with --from-hf (a"
+            " trained model reshares in Python with SharedTransformer.share_params)"
         )
     check_output(args.output)
     return import_hf(args) if args.from_hf else export(args)

@@ -221,7 +221,8 @@ def test_hf_round_trip_through_native(tmp_path, tokenizer_dir):
 
 
 @pytest.mark.parity
-def test_import_and_compress(tmp_path):
+def test_import_and_reshare_by_the_flag_s_earlier_name(tmp_path):
+    """`--share`, the earlier name of `--reshare`, still reshares."""
     torch.manual_seed(0)
     config = tiny_hf_config("Llama", num_hidden_layers=4, tie_word_embeddings=True)
     hf = transformers.LlamaForCausalLM(config).eval()

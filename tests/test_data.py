@@ -12,7 +12,13 @@ from helpers import REPO
 from pretrain.data.preprocess import METADATA, preprocess
 from pretrain.data.shards import TokenShards
 from pretrain.data.sources import DataError, ReadReport, iter_documents
-from pretrain.data.tokenizer import INFO_FILE, MODEL_FILE, Tokenizer, train_tokenizer
+from pretrain.data.tokenizer import (
+    EARLIER_INFO_FILE,
+    INFO_FILE,
+    MODEL_FILE,
+    Tokenizer,
+    train_tokenizer,
+)
 
 
 def files_of(folder):
@@ -52,6 +58,18 @@ def test_tokenizer_training_is_deterministic_and_checksummed(corpus_dir, tmp_pat
     assert infos[0].checksum == infos[1].checksum
     assert (tmp_path / "a" / MODEL_FILE).read_bytes() == (tmp_path / "b" / MODEL_FILE).read_bytes()
     assert json.loads((tmp_path / "a" / INFO_FILE).read_text())["model_type"] == "bpe"
+
+
+@pytest.mark.unit
+def test_a_tokenizer_folder_of_the_earlier_metadata_name_still_loads(tokenizer_dir, tmp_path):
+    """Folders written when our metadata was `tokenizer.json` load; a Hugging Face
+    `tokenizer.json` (its fast tokenizer, no checksum) is not taken for ours."""
+    earlier = shutil.copytree(tokenizer_dir, tmp_path / "earlier")
+    (earlier / INFO_FILE).rename(earlier / EARLIER_INFO_FILE)
+    assert Tokenizer(earlier).info == Tokenizer(tokenizer_dir).info
+    (earlier / EARLIER_INFO_FILE).write_text(json.dumps({"version": "1.0", "model": {}}))
+    with pytest.raises(DataError, match=f"has no {INFO_FILE}"):
+        Tokenizer(earlier)
 
 
 @pytest.mark.unit

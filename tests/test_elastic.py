@@ -94,15 +94,15 @@ def test_the_universal_form_is_converted_once_and_leaves_the_tag_whole(on_one_ra
     tag_dir = tmp_path / TAG
     shutil.copytree(run / "checkpoints" / TAG, tag_dir)
     universal = tag_dir / checkpoint.UNIVERSAL
-    assert checkpoint.verify(tag_dir) is None  # the tag's manifest leaves it out
-    assert checkpoint.verify(universal) is None  # its own manifest holds it
+    assert checkpoint.manifest_problem(tag_dir) is None  # the tag's manifest leaves it out
+    assert checkpoint.manifest_problem(universal) is None  # its own manifest holds it
     assert not (run / "checkpoints" / checkpoint._PARTIAL).exists()
     assert checkpoint._convert_once(tag_dir) is True  # a later resume reuses it
     # One cut short (no manifest, as a killed conversion under the final name would be)
     # is converted again, never trusted.
     (universal / checkpoint.MANIFEST).unlink()
     assert checkpoint._convert_once(tag_dir) is False
-    assert checkpoint.verify(universal) is None
+    assert checkpoint.manifest_problem(universal) is None
 
 
 def check(before: dict, now: dict) -> None:

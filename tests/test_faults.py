@@ -36,7 +36,7 @@ from pretrain.data.preprocess import METADATA
 from pretrain.data.shards import TokenShards
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.engine import checkpoint
-from pretrain.engine.checkpoint import MANIFEST, verify, write_manifest
+from pretrain.engine.checkpoint import MANIFEST, manifest_problem, write_manifest
 from pretrain.engine.optim import lr_factor
 
 pytestmark = pytest.mark.faults
@@ -80,20 +80,20 @@ def test_a_save_lists_every_file_and_each_fault_is_named(run):
     tag_dir = run / "checkpoints" / STEP4
     listed = set(json.loads((tag_dir / MANIFEST).read_text())["files"])
     assert listed == {p.name for p in tag_dir.iterdir()} - {MANIFEST}
-    assert verify(tag_dir) is None
+    assert manifest_problem(tag_dir) is None
     optim = next(tag_dir.glob("*optim_states.pt"))
     flip_byte(optim)
-    assert verify(tag_dir, hashes=False) is None  # same size: only the hash tells
-    assert verify(tag_dir) == f"{optim.name} does not match its SHA-256"
+    assert manifest_problem(tag_dir, hashes=False) is None  # same size: only the hash tells
+    assert manifest_problem(tag_dir) == f"{optim.name} does not match its SHA-256"
     optim.write_bytes(optim.read_bytes()[:100])
-    assert "is 100 bytes, its manifest says" in verify(tag_dir)
+    assert "is 100 bytes, its manifest says" in manifest_problem(tag_dir)
     (tag_dir / "extra.pt").write_bytes(b"x")
     optim.unlink()
-    assert verify(tag_dir) == f"missing {optim.name}"
+    assert manifest_problem(tag_dir) == f"missing {optim.name}"
     shutil.copy(tag_dir / "extra.pt", optim)
-    assert "files its manifest does not list: extra.pt" in verify(tag_dir)
+    assert "files its manifest does not list: extra.pt" in manifest_problem(tag_dir)
     (tag_dir / MANIFEST).unlink()
-    assert verify(tag_dir) == "no manifest.json (a save that did not finish)"
+    assert manifest_problem(tag_dir) == "no manifest.json (a save that did not finish)"
 
 
 @pytest.mark.distributed
@@ -126,7 +126,7 @@ def test_resume_skips_a_broken_newer_save_and_pruning_removes_it(run, shards_dir
     assert f"resumed from {ckpt / STEP4} at step 4" in result.stderr
     # step 6 saved and verified; the valid step 4 and the broken step 5 are both gone.
     assert checkpoint.step_tags(ckpt) == ["step00000006"]
-    assert verify(ckpt / "step00000006") is None
+    assert manifest_problem(ckpt / "step00000006") is None
 
 
 @pytest.mark.distributed
@@ -219,7 +219,7 @@ READERS = {
     "import": ["tools/convert_checkpoint.py", "--from-hf", "{hf}", "--format", "native"],
     "reshare": [
         *("tools/convert_checkpoint.py", "--from-hf", "{hf}", "--format", "native"),
-        *("--share", "strategy=all"),
+        *("--reshare", "strategy=all"),
     ],
     "report": ["-m", "pretrain.report", "{hf}", "--data", "{shards}"],
     "finetune": ["tools/finetune.py", "--model", "{hf}", "--train", "{csv}", "--eval", "{csv}"],

@@ -10,7 +10,7 @@ from helpers import random_ids, tiny_config
 from pretrain.config import ConfigError
 from pretrain.export import hf_albert, hf_llama
 from pretrain.model import SharedTransformer, count
-from pretrain.model.compress import fold_relaxed
+from pretrain.model.reshare import fold_relaxed
 
 
 def relaxed(family="albert", ratio=0.5, seed=0, **sharing) -> SharedTransformer:

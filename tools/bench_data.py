@@ -23,7 +23,7 @@ from pretrain.data.corpus import copy_default_corpus
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.data.preprocess import preprocess
 from pretrain.data.sources import ReadReport, iter_documents
-from pretrain.data.tokenizer import INFO_FILE, train_tokenizer
+from pretrain.data.tokenizer import info_file, train_tokenizer
 from pretrain.errors import main_guard
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, model_inputs
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
     work = Path(args.workdir)
     corpus, tokenizer, shards = work / "corpus", work / "tokenizer", work / "shards"
     copy_default_corpus(corpus)
-    if not (tokenizer / INFO_FILE).exists():
+    if not info_file(tokenizer).exists():
         docs = iter_documents([corpus], "text", ReadReport())
         _, seconds = timed(lambda: train_tokenizer(docs, tokenizer, vocab_size=8000))
         print(f"tokenizer: unigram 8000 trained in {seconds:.1f}s")

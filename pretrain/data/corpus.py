@@ -57,13 +57,13 @@ def prepare_default_data(shards: str | Path, vocab_size: int) -> None:
     another vocabulary size is trained anew, and the shards made with it are rebuilt."""
     from pretrain.data.preprocess import METADATA, preprocess
     from pretrain.data.sources import ReadReport, iter_documents
-    from pretrain.data.tokenizer import INFO_FILE, train_tokenizer
+    from pretrain.data.tokenizer import info_file, train_tokenizer
 
     shards = Path(shards)
     corpus, tokenizer = shards.parent / "shakespeare", shards.parent / "shakespeare-tokenizer"
     texts, _ = copy_default_corpus(corpus)
     print(f"corpus: {texts} plays and poems in {corpus}", flush=True)
-    info = tokenizer / INFO_FILE
+    info = info_file(tokenizer)
     if info.exists() and json.loads(info.read_text())["vocab_size"] != vocab_size:
         print(f"tokenizer {tokenizer} has another vocabulary size: training it anew", flush=True)
         shutil.rmtree(tokenizer)

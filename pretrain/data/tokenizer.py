@@ -2,8 +2,8 @@
 loading with the metadata that ties token shards and checkpoints to it.
 
 A tokenizer folder holds `spiece.model` (the name HF's ALBERT tokenizer expects),
-`spiece.vocab`, and `tokenizer.json` with the special ids, vocab size and the model file's
-SHA-256 checksum.
+`spiece.vocab`, and `tokenizer_info.json` with the special ids, vocab size and the model
+file's SHA-256 checksum (`tokenizer.json` in folders written before: still read).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from pretrain.errors import UserError
 
 MODEL_FILE = "spiece.model"
 VOCAB_FILE = "spiece.vocab"
-INFO_FILE = "tokenizer.json"
+INFO_FILE = "tokenizer_info.json"
+# Its earlier name, still read: Hugging Face's fast tokenizer file has the same one.
+EARLIER_INFO_FILE = "tokenizer.json"
 WORD_START = "\u2581"  # SentencePiece's word-boundary mark
 
 # Fixed ids: pad 0 matches model.pad_token_id's default; control symbols never come out of
@@ -72,12 +74,27 @@ class TokenizerInfo:
     lowercase: bool
 
 
+def info_file(directory: str | Path) -> Path:
+    """The metadata file of a tokenizer folder: INFO_FILE, or in folders written before it
+    had that name, EARLIER_INFO_FILE when it holds our metadata rather than Hugging Face's
+    tokenizer. INFO_FILE (absent) when neither is there."""
+    directory = Path(directory)
+    earlier = directory / EARLIER_INFO_FILE
+    if not (directory / INFO_FILE).exists() and earlier.is_file():
+        try:
+            if "checksum" in json.loads(earlier.read_text()):
+                return earlier
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+            pass
+    return directory / INFO_FILE
+
+
 class Tokenizer:
     """A trained SentencePiece model with its special ids."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        model, info = self.directory / MODEL_FILE, self.directory / INFO_FILE
+        model, info = self.directory / MODEL_FILE, info_file(self.directory)
         for needed in (model, info):
             if not needed.is_file():
                 raise DataError(

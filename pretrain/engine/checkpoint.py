@@ -94,7 +94,7 @@ def write_manifest(tag_dir: Path) -> None:
     _write_atomically(tag_dir / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
 
 
-def verify(tag_dir: Path, hashes: bool = True) -> str | None:
+def manifest_problem(tag_dir: Path, hashes: bool = True) -> str | None:
     """None when `tag_dir` is a whole checkpoint, else what is wrong with it. Without
     `hashes`, only names and sizes are checked (enough to tell a save cut short)."""
     try:
@@ -128,7 +128,7 @@ def newest_valid(directory: str | Path) -> tuple[str | None, list[tuple[str, str
     """The newest tag that verifies, and the (tag, problem) of each newer one skipped."""
     directory, skipped = Path(directory), []
     for tag in reversed(step_tags(directory)):
-        problem = verify(directory / tag)
+        problem = manifest_problem(directory / tag)
         if problem is None:
             return tag, skipped
         skipped.append((tag, problem))
@@ -137,9 +137,8 @@ def newest_valid(directory: str | Path) -> tuple[str | None, list[tuple[str, str
 
 def has_checkpoint(directory: str | Path) -> bool:
     """A whole checkpoint (names and sizes) exists under `directory`."""
-    return any(
-        verify(Path(directory) / t, hashes=False) is None for t in step_tags(Path(directory))
-    )
+    tags = step_tags(Path(directory))
+    return any(manifest_problem(Path(directory) / t, hashes=False) is None for t in tags)
 
 
 def check_tag(directory: str | Path, tag: str) -> None:
@@ -148,7 +147,7 @@ def check_tag(directory: str | Path, tag: str) -> None:
     if tag not in tags:
         available = ", ".join(tags) or "none"
         raise UserError(f"checkpoint tag {tag!r} not found in {directory}; available: {available}")
-    if problem := verify(Path(directory) / tag):
+    if problem := manifest_problem(Path(directory) / tag):
         raise UserError(f"checkpoint {Path(directory) / tag} does not verify: {problem}")
 
 
@@ -219,7 +218,7 @@ def _prune(directory: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` valid tags. A broken tag goes only once a newer valid one
     exists; one newer than every valid tag is left for a person to look at."""
     tags = step_tags(directory)
-    valid = [t for t in tags if verify(directory / t, hashes=False) is None]
+    valid = [t for t in tags if manifest_problem(directory / t, hashes=False) is None]
     if not valid:
         return
     keep, newest = set(valid[-keep_last:]), valid[-1]
@@ -459,7 +458,7 @@ def _convert_once(tag_dir: Path) -> bool:
     under another name and renamed when complete, so a killed conversion is never used."""
     target = tag_dir / UNIVERSAL
     source = {"manifest_sha256": _sha256(tag_dir / MANIFEST)}
-    if verify(target) is None and json.loads((target / _SOURCE).read_text()) == source:
+    if manifest_problem(target) is None and json.loads((target / _SOURCE).read_text()) == source:
         return True
     # The converter reads every file under the tag: no earlier attempt may lie inside it.
     shutil.rmtree(target, ignore_errors=True)

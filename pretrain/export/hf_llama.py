@@ -19,7 +19,7 @@ from pretrain.export.common import (
     layers_from_hf,
     layers_to_hf,
 )
-from pretrain.model.compress import fold_relaxed
+from pretrain.model.reshare import fold_relaxed
 from pretrain.sharing import SharingPlan
 
 LAYER_MAP = {

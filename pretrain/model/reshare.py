@@ -1,7 +1,7 @@
 """A model's weights under another sharing plan, and the same function without sharing.
 
-`compress` is what `SharedTransformer.share_params` and `tools/convert_checkpoint.py
---share` both run. It starts from the model's unrolled weights (every layer's own, its
+`reshare` is what `SharedTransformer.share_params` and `pretrain convert --from-hf ...
+--reshare` both run. It starts from the model's unrolled weights (every layer's own, its
 set's weights plus its low-rank deltas if it has any), so a model that already shares is
 converted as well as an unshared one:
 
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.config import ConfigError, ModelConfig, SharingConfig
-from pretrain.model.blocks import FAMILIES
 from pretrain.model.encoder import SharedEncoder
 from pretrain.sharing import COMPONENTS, SharingPlan
 
@@ -154,7 +153,7 @@ def _layer_error(old: State, new: State, layer: int, linear: bool) -> float:
     return math.sqrt(num / den) if den else math.sqrt(num)
 
 
-def compress(
+def reshare(
     state: Mapping[str, torch.Tensor], cfg: ModelConfig, sharing: SharingConfig
 ) -> tuple[State, ModelConfig, ShareReport]:
     """`state` of a model of `cfg` -> the state of the same model under `sharing`, its
@@ -173,7 +172,7 @@ def compress(
     with torch.device("meta"):  # the target's keys, shapes and delta rank; no memory
         target = {
             f"encoder.{k}": v
-            for k, v in SharedEncoder(new_cfg, FAMILIES[cfg.family]).state_dict().items()
+            for k, v in SharedEncoder(new_cfg, cfg.spec.block_family()).state_dict().items()
         }
     flat = fold_deltas(state, old_plan)
     if old_plan.share_qk and not plan.share_qk:  # keys were the queries: exact
@@ -212,7 +211,7 @@ def compress(
 
     got = {k for k in out if k.startswith("encoder.")}
     if got != set(target):
-        raise RuntimeError(f"compress built {sorted(got ^ set(target))} unlike the target plan")
+        raise RuntimeError(f"reshare built {sorted(got ^ set(target))} unlike the target plan")
     after = fold_deltas(out, plan)
     layers = range(plan.num_layers)
     report = ShareReport(

@@ -1,4 +1,5 @@
-"""Converting a model to a sharing plan: SharedTransformer.share_params and --share."""
+"""Resharing: a model under another sharing plan, by SharedTransformer.share_params and
+`convert --from-hf ... --reshare`."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import transformers
 from helpers import random_ids, tiny_config, tiny_hf_config, tiny_model
 
 from pretrain.config import ConfigError, SharingConfig
-from pretrain.convert import main, parse_share
+from pretrain.convert import main, parse_reshare
 from pretrain.errors import UserError
 from pretrain.export import hf, native
 from pretrain.model import SharedTransformer
-from pretrain.model.compress import compress
+from pretrain.model.reshare import reshare
 
 TOL = 1e-5
 
@@ -130,12 +131,12 @@ def test_shared_qk_is_kept_and_never_invented():
     assert tied.cfg.sharing.share_qk and tied.encoder.attention[0].fn.k is None
     assert (logits(tied, ids) - before).abs().max() <= TOL
     # Apart again, the keys are the queries: exact.
-    state, cfg, _ = compress(tied.state_dict(), tied.cfg, SharingConfig(strategy="none"))
+    state, cfg, _ = reshare(tied.state_dict(), tied.cfg, SharingConfig(strategy="none"))
     apart = SharedTransformer(cfg).eval()
     apart.load_state_dict(state)
     assert (logits(apart, ids) - before).abs().max() <= TOL
     with pytest.raises(ConfigError, match="separate query and key projections"):
-        compress(apart.state_dict(), cfg, SharingConfig(strategy="all", share_qk=True))
+        reshare(apart.state_dict(), cfg, SharingConfig(strategy="all", share_qk=True))
 
 
 @pytest.mark.unit
@@ -171,7 +172,7 @@ def test_grouped_query_attention_refuses_shared_qk():
     assert model(random_ids()).logits.shape == (2, 12, 97)
 
 
-# -- tools/convert_checkpoint.py --from-hf --share --------------------------------------------
+# -- tools/convert_checkpoint.py --from-hf --reshare ------------------------------------------
 
 ACCEPTED = [
     "strategy=all",
@@ -208,9 +209,9 @@ def convert(*args) -> int:
 
 
 def share_import(source, out, share: str) -> int:
-    """Import the HF folder `source` to `out`, compressed by `--share share`, verified."""
+    """Import the HF folder `source` to `out`, reshared by `--reshare share`, verified."""
     return convert(
-        "--from-hf", source, "--format", "native", "--output", out, "--share", share, "--verify"
+        "--from-hf", source, "--format", "native", "--output", out, "--reshare", share, "--verify"
     )
 
 
@@ -228,9 +229,9 @@ def test_every_accepted_share_loads_verifies_and_exports(
     assert share_import(hf_models / source, out, share) == 0
     stdout = capsys.readouterr().out
     assert verified(stdout, r"verify: max \|logit diff\|") <= TOL
-    assert verified(stdout, "against the imported model") > TOL  # it did compress
+    assert verified(stdout, "against the imported model") > TOL  # it did reshare
     model = native.load_model(out)
-    assert model.cfg.sharing == parse_share(share)
+    assert model.cfg.sharing == parse_reshare(share)
     assert model.plan.relaxed == ("ratio" in share)
     hf.save_hf(model.state_dict(), model.cfg, tokenizer_dir, tmp_path / "hf")
     assert hf.verify(model, tmp_path / "hf") <= TOL
@@ -256,7 +257,7 @@ def test_share_applies_to_imports_only(tmp_path):
             "native",
             "--output",
             str(tmp_path / "o"),
-            "--share",
+            "--reshare",
             "strategy=all",
         )
 
@@ -280,7 +281,7 @@ def test_an_import_exports_with_a_tokenizer_given_and_says_so_without(
 
 
 @pytest.mark.e2e
-def test_cli_compresses_with_verify_and_refuses_in_one_line(hf_models, tmp_path, cli):
+def test_cli_reshares_with_verify_and_refuses_in_one_line(hf_models, tmp_path, cli):
     tool = "tools/convert_checkpoint.py"
     source = ["--from-hf", str(hf_models / "llama"), "--format", "native"]
     ok = cli(
@@ -288,13 +289,13 @@ def test_cli_compresses_with_verify_and_refuses_in_one_line(hf_models, tmp_path,
         *source,
         "--output",
         str(tmp_path / "a"),
-        "--share",
+        "--reshare",
         "ratio=0.5,strategy=all",
         "--verify",
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "delta ranks" in ok.stdout and "verify: max |logit diff| = 0" in ok.stdout
-    refused = cli(tool, *source, "--output", str(tmp_path / "b"), "--share", "share_qk=true")
+    refused = cli(tool, *source, "--output", str(tmp_path / "b"), "--reshare", "share_qk=true")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert [line for line in refused.stderr.splitlines() if line.startswith("error:")] == [
         refused.stderr.strip().splitlines()[-1]

@@ -314,6 +314,21 @@ def test_config_help_lists_every_key_with_its_default(capsys):
 
 
 @pytest.mark.unit
+def test_the_config_reference_page_is_what_the_dataclasses_generate(capsys):
+    """docs/config.md is generated; a key added, removed or redocumented without
+    regenerating it fails here, with the command that regenerates it."""
+    assert pretrain_main(["config", "--markdown"]) == 0
+    generated = capsys.readouterr().out
+    page = REPO / reference.REFERENCE_PAGE
+    assert page.read_text() == generated, (
+        f"{reference.REFERENCE_PAGE} is stale: python -m pretrain config --markdown > {page}"
+    )
+    for key in reference.config_keys():
+        assert f"| `{key.name}` |" in generated, key.name
+    assert "| `optim.betas` | list of 2 float (in [0, 1)) | `[0.9, 0.999]` |" in generated
+
+
+@pytest.mark.unit
 def test_config_diff_shows_only_what_differs_from_the_defaults(capsys):
     path = REPO / "configs" / "tiny-llama.yaml"
     assert pretrain_main(["config", str(path), "--diff", "--train.max_steps=7"]) == 0

@@ -131,6 +131,39 @@ def help_text() -> str:
     return "\n".join(lines) + "\n"
 
 
+REFERENCE_PAGE = "docs/config.md"
+
+
+def markdown() -> str:
+    """The reference as the Markdown page REFERENCE_PAGE: a table per section. A test
+    compares the page with this, so the page cannot fall behind the dataclasses."""
+    sections = _sections()
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from the config dataclasses (`pretrain/config/schema.py`) by",
+        f"`python -m pretrain config --markdown > {REFERENCE_PAGE}`; do not edit by hand.",
+        "Every key is a YAML key under its section, or a dotted override on the command",
+        "line (`--optim.lr=1e-3`); an unknown key is an error naming the closest one. A null",
+        "default takes the family's value where the doc says so.",
+    ]
+    current = None
+    for key in config_keys():
+        section = key.name.rsplit(".", 1)[0]
+        if section != current:
+            current = section
+            lines += ["", f"## {section}", ""]
+            if sections.get(section):
+                lines += [sections[section], ""]
+            lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        bounds = f" ({key.bounds})" if key.bounds else ""
+        doc = " ".join(key.doc.split()).replace("|", "\\|")
+        kind = key.type.replace("|", "\\|")
+        default = _shown(key.default).replace("|", "\\|")
+        lines.append(f"| `{key.name}` | {kind}{bounds} | `{default}` | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested config tree as dotted keys: {"optim": {"lr": 1}} -> {"optim.lr": 1}."""
     out = {}

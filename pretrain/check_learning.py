@@ -30,6 +30,8 @@ from pretrain.config import Config, load_config
 from pretrain.data.masking import IGNORE_INDEX
 from pretrain.engine import runtime
 from pretrain.errors import main_guard
+from pretrain.evaluate import HeldOut
+from pretrain.families import FAMILIES
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, model_inputs
 
@@ -72,7 +74,6 @@ VARIANTS: dict[str, dict] = {
     },
     "universal": {"model.sharing.strategy": "all", "model.universal.enabled": True},
 }
-FAMILIES = ("albert", "llama")
 
 
 def copy_batch(family: str, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -80,7 +81,7 @@ def copy_batch(family: str, batch: int, generator: torch.Generator) -> dict[str,
     x_BS = torch.randint(SPECIALS, SPECIALS + SYMBOLS, (batch, HALF), generator=generator)
     ids_BT = torch.cat([x_BS, x_BS], dim=1)
     out = {"attention_mask": torch.ones_like(ids_BT)}
-    if family == "llama":
+    if FAMILIES[family].causal:
         labels_BT = torch.full_like(ids_BT, IGNORE_INDEX)
         # Position t predicts token t + 1: from HALF - 1 on, that token is a copy.
         labels_BT[:, HALF - 1 : -1] = ids_BT[:, HALF:]
@@ -109,12 +110,14 @@ def cut_encoder_gradients(model: SharedTransformer) -> None:
 
 
 def accuracy(engine, family: str, batches: list[dict[str, torch.Tensor]], cfg: Config) -> float:
-    key = "clm_acc" if family == "llama" else "mlm_acc"
+    key = f"{FAMILIES[family].objective}_acc"
     engine.eval()
+    held_out = HeldOut()
     with torch.no_grad():
-        values = [float(compute_loss(engine(**model_inputs(b)), b, cfg)[1][key]) for b in batches]
+        for batch in batches:
+            held_out.add(compute_loss(engine(**model_inputs(batch)), batch, cfg)[1])
     engine.train()
-    return sum(values) / len(values)
+    return held_out.means()[key]
 
 
 def run_variant(family: str, variant: str, steps: int, cut: bool, world) -> dict:
@@ -148,7 +151,9 @@ def run_variant(family: str, variant: str, steps: int, cut: bool, world) -> dict
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--family", choices=FAMILIES, action="append", help="default: both")
+    parser.add_argument(
+        "--family", choices=list(FAMILIES), action="append", help="default: every family"
+    )
     parser.add_argument("--variant", choices=VARIANTS, action="append", help="default: all")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--cut-encoder-gradients", action="store_true")

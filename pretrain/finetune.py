@@ -57,6 +57,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pretrain.data.sources import DataError
 from pretrain.errors import UserError, main_guard
+from pretrain.export.hf import FORMATS
 from pretrain.pickles import refusing_pickles
 
 Tokenizer = transformers.PreTrainedTokenizerBase
@@ -129,15 +130,6 @@ def accuracy(pred: transformers.EvalPrediction) -> dict[str, float]:
 
 # -- depth of each parameter: layer-wise learning rates, freezing, tie penalty ---------------
 
-LAYOUTS = {  # model_type -> (embedding parameters, the parameters of layer set N)
-    "albert": (
-        r"albert\.(embeddings|encoder\.embedding_hidden_mapping_in)\.",
-        r"albert\.encoder\.albert_layer_groups\.(\d+)\.(.+)",
-    ),
-    "bert": (r"bert\.embeddings\.", r"bert\.encoder\.layer\.(\d+)\.(.+)"),
-    "llama": (r"model\.embed_tokens\.", r"model\.layers\.(\d+)\.(.+)"),
-}
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -177,25 +169,18 @@ def spans(numbers: tuple[int, ...]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
 
-def set_uses(config: transformers.PretrainedConfig, index: int) -> tuple[int, ...]:
-    """Layer applications running layer set `index`: ALBERT group g runs the layers i with
-    int(i / (L / G)) == g (HF's formula), anything else set i runs layer i."""
-    L = config.num_hidden_layers
-    if config.model_type != "albert":
-        return (index,)
-    return tuple(i for i in range(L) if int(i / (L / config.num_hidden_groups)) == index)
-
-
 def layout(model: transformers.PreTrainedModel, needed_by: str) -> Layout:
     """The depth of every parameter; a model_type without a known layout is an error naming
     `needed_by` (the flags that need it)."""
     model_type = model.config.model_type
-    if model_type not in LAYOUTS:
+    fmt = FORMATS.get(model_type)
+    if fmt is None or not fmt.layers:
+        known = [t for t, f in FORMATS.items() if f.layers]
         raise UserError(
-            f"{needed_by} needs a model whose layers this tool knows ({', '.join(LAYOUTS)});"
+            f"{needed_by} needs a model whose layers this tool knows ({', '.join(known)});"
             f" --model is {model_type!r}: fine-tune it without them"
         )
-    embeddings, layer = LAYOUTS[model_type]
+    embeddings, layer, config = fmt.embeddings, fmt.layers, model.config.to_dict()
     L = model.config.num_hidden_layers
     depth, uses, members = {}, {}, {}
     for name, _ in model.named_parameters():
@@ -204,7 +189,7 @@ def layout(model: transformers.PreTrainedModel, needed_by: str) -> Layout:
             depth[name] = -1
         elif found:
             index = int(found.group(1))
-            uses[index] = set_uses(model.config, index)
+            uses[index] = fmt.set_uses(config, index)
             members[name] = index, found.group(2)
             depth[name] = max(uses[index])
         else:

@@ -39,6 +39,7 @@ from pretrain.config import Config, ConfigError, load_config, load_yaml, to_dict
 from pretrain.config.reference import config_keys, flat
 from pretrain.engine.optim import budget_warmup
 from pretrain.errors import UserError, main_guard
+from pretrain.families import FAMILIES
 from pretrain.report import load_for_report, measure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,7 +262,7 @@ def markdown(rows: list[dict], settings: str) -> str:
     """Means over seeds, ± half their range where there are several."""
     seeds = sorted({r["seed"] for r in rows})
     lines = [
-        f"Held-out {'next' if rows[0]['family'] == 'llama' else 'masked'}-token loss and"
+        f"Held-out {'next' if FAMILIES[rows[0]['family']].causal else 'masked'}-token loss and"
         f" accuracy over {rows[0]['eval_targets']:,} targets; {settings}; seeds"
         f" {', '.join(map(str, seeds))}"
         + (" (± half the range across seeds)" if len(seeds) > 1 else ""),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import json
-import typing
 
 import pytest
 from helpers import REPO
@@ -15,6 +14,7 @@ from pretrain import convert
 from pretrain.config import ModelConfig
 from pretrain.errors import UserError, main_guard
 from pretrain.export import hf
+from pretrain.families import FAMILIES
 
 
 @pytest.mark.unit
@@ -22,16 +22,17 @@ from pretrain.export import hf
 def test_each_row_has_what_it_needs(model_type):
     fmt = hf.FORMATS[model_type]
     assert fmt.model_type == model_type
-    assert fmt.family in typing.get_args(typing.get_type_hints(ModelConfig)["family"])
+    assert fmt.family in FAMILIES
     missing = [name for name in fmt.needs() if not callable(getattr(fmt.adapter, name, None))]
     assert not missing, f"{fmt.adapter.__name__} lacks {missing} for the {model_type} row"
     assert (fmt.tokenizer is not None) == fmt.exportable
     assert (fmt.pair_head is None) == (fmt.pretraining_class is None)
+    assert bool(fmt.embeddings) == bool(fmt.layers), "fine-tuning needs both patterns"
 
 
 @pytest.mark.unit
 def test_each_family_exports_to_one_format():
-    for family in typing.get_args(typing.get_type_hints(ModelConfig)["family"]):
+    for family in FAMILIES:
         rows = [f for f in hf.FORMATS.values() if f.exportable and f.family == family]
         assert len(rows) == 1, (family, rows)
         assert hf.format_for_family(family) is rows[0]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from pretrain.errors import UserError, did_you_mean
+from pretrain.families import FAMILIES, FamilySpec
 from pretrain.sharing import STRATEGIES, shared_range
 
 
@@ -160,23 +161,15 @@ class UniversalConfig(Section):
     """Initial bias of the halting unit, so that early steps tend to continue."""
 
 
-# Family-dependent defaults, applied when a key is left out.
-_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "albert": {"norm_eps": 1e-12, "type_vocab_size": 2},
-    "llama": {"norm_eps": 1e-6, "type_vocab_size": 0},
-}
-_CAUSAL_FAMILIES = frozenset({"llama"})
-
-
 @dataclass
 class ModelConfig(Section):
     """The shared-layer Transformer: sizes, block family and sharing plan."""
 
     section: ClassVar[str] = "model"
 
-    family: Literal["albert", "llama"] = "albert"
-    """albert: post-LN, GELU, biases, learned positions, bidirectional, MLM (+SOP).
-    llama: pre-RMSNorm, SwiGLU, RoPE, no biases, causal LM."""
+    family: str = "albert"
+    """A family of pretrain/families: albert (post-LN, GELU, biases, learned positions,
+    bidirectional, MLM + SOP) or llama (pre-RMSNorm, SwiGLU, RoPE, no biases, causal LM)."""
     vocab_size: int = bounded(30000, ge=1)
     """V, token ids in the table; the tokenizer's vocabulary size."""
     embedding_size: int = bounded(128, ge=1)
@@ -216,7 +209,12 @@ class ModelConfig(Section):
     universal: UniversalConfig = field(default_factory=UniversalConfig)
 
     def __post_init__(self) -> None:
-        for key, value in _FAMILY_DEFAULTS[self.family].items():
+        _check(
+            self.family in FAMILIES,
+            f"model.family: {self.family!r} is not one of"
+            f" {' | '.join(map(repr, FAMILIES))}{did_you_mean(self.family, FAMILIES)}",
+        )
+        for key, value in self.spec.defaults.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.num_kv_heads is None:
@@ -242,27 +240,8 @@ class ModelConfig(Section):
             f"model.pad_token_id ({self.pad_token_id}) must be a token id"
             f" below model.vocab_size ({self.vocab_size})",
         )
-        if self.family == "llama":
-            _check(
-                self.hidden_act == "gelu_new",
-                "model.hidden_act applies to the albert family; llama uses SwiGLU",
-            )
-            _check(
-                self.type_vocab_size == 0,
-                f"model.type_vocab_size ({self.type_vocab_size}) must be 0 for the llama family,"
-                " which has no token types",
-            )
-            _check(
-                (self.hidden_size // self.num_heads) % 2 == 0,
-                f"model.hidden_size / model.num_heads ({self.hidden_size // self.num_heads})"
-                " must be even for rotary position embeddings",
-            )
-        else:
-            _check(
-                self.num_kv_heads == self.num_heads,
-                f"model.num_kv_heads ({self.num_kv_heads}) must equal model.num_heads"
-                f" ({self.num_heads}) for the albert family; grouped-query attention is llama's",
-            )
+        for problem in self.spec.problems(self):
+            _check(False, problem)
         self._check_sharing()
         if self.universal.enabled:
             _check(
@@ -275,8 +254,12 @@ class ModelConfig(Section):
             )
 
     @property
+    def spec(self) -> FamilySpec:
+        return FAMILIES[self.family]
+
+    @property
     def causal(self) -> bool:
-        return self.family in _CAUSAL_FAMILIES
+        return self.spec.causal
 
     @property
     def head_dim(self) -> int:
@@ -575,7 +558,7 @@ class Config:
         fixes = {
             "model.universal.enabled=false": m.universal.enabled,
             "model.sharing.ratio=1.0": m.sharing.ratio < 1.0,
-            "model.sop_head=false": m.family == "albert" and m.sop_head,
+            "model.sop_head=false": m.spec.sop_head and m.sop_head,
             "distill.teacher=''": bool(self.distill.teacher),
         }
         needed = [fix for fix, applies in fixes.items() if applies]

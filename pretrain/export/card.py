@@ -19,9 +19,6 @@ from pretrain.sharing import SharingPlan
 
 CARD = "README.md"
 LICENSE = "apache-2.0"
-_AUTO = {"albert": "AutoModelForMaskedLM", "llama": "AutoModelForCausalLM"}
-_PIPELINE = {"albert": "fill-mask", "llama": "text-generation"}
-_NAMES = {"albert": "ALBERT", "llama": "Llama"}
 
 
 @dataclass
@@ -104,7 +101,7 @@ def _header(cfg: ModelConfig, facts: RunFacts | None, license: str) -> str:
         tags.append("universal-transformer")
     header: dict[str, Any] = {
         "library_name": "transformers",
-        "pipeline_tag": _PIPELINE[cfg.family],
+        "pipeline_tag": cfg.spec.pipeline_tag,
         "license": license,
         "tags": tags,
     }
@@ -142,7 +139,8 @@ def _training(facts: RunFacts | None) -> list[str]:
 
 
 def _usage(cfg: ModelConfig, name: str) -> list[str]:
-    auto = _AUTO[cfg.family]
+    # The usage example follows the objective: masked LMs fill masks, causal LMs generate.
+    auto = "AutoModelForCausalLM" if cfg.causal else "AutoModelForMaskedLM"
     lines = [
         "```python",
         f"from transformers import AutoTokenizer, {auto}, pipeline",
@@ -150,7 +148,7 @@ def _usage(cfg: ModelConfig, name: str) -> list[str]:
         f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
         f'model = {auto}.from_pretrained("{name}")',
     ]
-    if cfg.family == "albert":
+    if not cfg.causal:
         lines += [
             'fill = pipeline("fill-mask", model=model, tokenizer=tokenizer)',
             'fill("The capital of France is [MASK].")',
@@ -167,7 +165,7 @@ def _usage(cfg: ModelConfig, name: str) -> list[str]:
             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
             "```",
             "",
-            "Fine-tune it as any `LlamaForCausalLM` (the Trainer, PEFT/LoRA).",
+            f"Fine-tune it as any {cfg.spec.display_name} causal LM (the Trainer, PEFT/LoRA).",
         ]
     return lines
 
@@ -185,10 +183,13 @@ def model_card(
     acc, T = _figures(cfg, facts)
     plan = SharingPlan.from_config(cfg)
     info = Tokenizer(Path(tokenizer_dir)).info
-    arch = "post-LN, GELU" if cfg.family == "albert" else "pre-RMSNorm, SwiGLU, RoPE"
-    family = _NAMES[cfg.family]
+    family = cfg.spec.display_name
     model_rows = [
-        ("architecture", f"{family} ({arch})" + (f", written as `{hf_class}`" if hf_class else "")),
+        (
+            "architecture",
+            f"{family} ({cfg.spec.architecture})"
+            + (f", written as `{hf_class}`" if hf_class else ""),
+        ),
         ("layers (applications)", str(cfg.num_layers)),
         (
             "hidden / embedding / FFN size",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -26,12 +26,13 @@ from typing import Any
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.data.tokenizer import INFO_FILE, MODEL_FILE, SPECIAL_PIECES
+from pretrain.data.tokenizer import MODEL_FILE, SPECIAL_PIECES, info_file
 from pretrain.errors import UserError
 from pretrain.export import hf_albert, hf_bert, hf_llama
 from pretrain.export.card import LICENSE, RunFacts, model_card, write_card
 from pretrain.export.common import State
 from pretrain.export.verify import max_logit_diff
+from pretrain.families import FAMILIES
 from pretrain.model import ModelOutput, SharedTransformer
 from pretrain.pickles import load_tensors
 
@@ -49,7 +50,7 @@ def albert_tokenizer(tokenizer_dir: Path, max_length: int):
     """HF's own SentencePiece converter, fed the ALBERT settings that keep our ids."""
     import transformers
 
-    info = json.loads((tokenizer_dir / INFO_FILE).read_text())
+    info = json.loads(info_file(tokenizer_dir).read_text())
     if info["model_type"] != "unigram":
         raise UserError(
             f"the tokenizer in {tokenizer_dir} is {info['model_type']}; Hugging Face exports"
@@ -91,6 +92,11 @@ def causal_tokenizer(tokenizer_dir: Path, max_length: int):
     )
 
 
+def one_layer_per_set(hf: Mapping[str, Any], index: int) -> tuple[int, ...]:
+    """Set i runs layer i: an architecture without cross-layer sharing."""
+    return (index,)
+
+
 @dataclass(frozen=True)
 class HFFormat:
     """One Hugging Face architecture: how it maps onto our model, and the transformers
@@ -120,6 +126,15 @@ class HFFormat:
     pair_head: str | None = None
     """The HF state-dict key present when the pair classifier is there; an import then
     passes `sop_head` to `config_from_hf`. None where the architecture has none."""
+    embeddings: str = ""
+    """Regex matching the embedding parameters of a model of this type (as
+    `named_parameters` names them, under any task head): fine-tuning's depth of each
+    parameter. Empty where fine-tuning does not know the layout."""
+    layers: str = ""
+    """Regex matching the parameters of a layer set: group 1 its index, group 2 its name
+    inside the set."""
+    set_uses: Callable[[Mapping[str, Any], int], tuple[int, ...]] = one_layer_per_set
+    """(HF config as a dict, layer set index) -> the layer applications running that set."""
 
     def needs(self) -> tuple[str, ...]:
         """The adapter functions this row uses."""
@@ -146,6 +161,9 @@ FORMATS: dict[str, HFFormat] = {
             tokenizer=albert_tokenizer,
             pretraining_class="AlbertForPreTraining",
             pair_head="sop_classifier.classifier.weight",
+            embeddings=r"albert\.(embeddings|encoder\.embedding_hidden_mapping_in)\.",
+            layers=r"albert\.encoder\.albert_layer_groups\.(\d+)\.(.+)",
+            set_uses=hf_albert.set_uses,
         ),
         HFFormat(
             model_type="bert",
@@ -156,6 +174,8 @@ FORMATS: dict[str, HFFormat] = {
             auto_class="AutoModelForMaskedLM",
             pretraining_class="BertForPreTraining",
             pair_head="cls.seq_relationship.weight",  # NSP head -> our pair classifier
+            embeddings=r"bert\.embeddings\.",
+            layers=r"bert\.encoder\.layer\.(\d+)\.(.+)",
         ),
         HFFormat(
             model_type="llama",
@@ -166,6 +186,8 @@ FORMATS: dict[str, HFFormat] = {
             auto_class="AutoModelForCausalLM",
             exportable=True,
             tokenizer=causal_tokenizer,
+            embeddings=r"model\.embed_tokens\.",
+            layers=r"model\.layers\.(\d+)\.(.+)",
         ),
     )
 }
@@ -181,10 +203,10 @@ def format_for_model_type(model_type: str | None) -> HFFormat:
 
 
 def format_for_family(family: str) -> HFFormat:
-    """The format our `family` exports to."""
-    for fmt in FORMATS.values():
-        if fmt.exportable and fmt.family == family:
-            return fmt
+    """The format our `family` exports to (its spec's `hf_model_type`)."""
+    fmt = FORMATS.get(FAMILIES[family].hf_model_type)
+    if fmt is not None and fmt.exportable:
+        return fmt
     exportable = sorted({fmt.family for fmt in FORMATS.values() if fmt.exportable})
     raise UserError(
         f"the {family} family has no Hugging Face export; exportable: {', '.join(exportable)}"

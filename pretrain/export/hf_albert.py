@@ -22,7 +22,7 @@ from pretrain.export.common import (
     layers_to_hf,
     rename,
 )
-from pretrain.model.compress import fold_relaxed
+from pretrain.model.reshare import fold_relaxed
 from pretrain.sharing import SharingPlan
 
 LAYER_MAP = {
@@ -49,11 +49,17 @@ TOP_MAP = {
 PROJECTION = "albert.encoder.embedding_hidden_mapping_in"
 
 
+def set_uses(hf: Mapping[str, Any], index: int) -> tuple[int, ...]:
+    """The layer applications an HF ALBERT config's layer group `index` runs."""
+    L, G = hf["num_hidden_layers"], hf.get("num_hidden_groups", 1)
+    return tuple(i for i in range(L) if hf_group(i, L, G) == index)
+
+
 def _group_prefix(group: int) -> str:
     return f"albert.encoder.albert_layer_groups.{group}.albert_layers.0."
 
 
-def _hf_group(layer: int, num_layers: int, num_groups: int) -> int:
+def hf_group(layer: int, num_layers: int, num_groups: int) -> int:
     return int(layer / (num_layers / num_groups))  # HF's own formula
 
 
@@ -159,7 +165,7 @@ def from_hf(hf_state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> State:
         state = {k: v for k, v in state.items() if not k.startswith("embeddings.project.")}
     state["head.bias"] = hf_state["predictions.bias"]
     state.update(
-        layers_from_hf(hf_state, plan, lambda i: _group_prefix(_hf_group(i, L, G)), LAYER_MAP)
+        layers_from_hf(hf_state, plan, lambda i: _group_prefix(hf_group(i, L, G)), LAYER_MAP)
     )
     if plan.share_qk:
         raise ConversionError("HF ALBERT has separate query and key weights; use share_qk=false")
@@ -175,7 +181,7 @@ def to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> State:
     state, cfg = fold_relaxed(state, cfg)
     plan, L = SharingPlan.from_config(cfg), cfg.num_layers
     # Group g is written from the first logical layer that uses it.
-    first_layers = [min(i for i in range(L) if _hf_group(i, L, G) == g) for g in range(G)]
+    first_layers = [min(i for i in range(L) if hf_group(i, L, G) == g) for g in range(G)]
     hf = rename(state, {ours: theirs for theirs, ours in TOP_MAP.items()})
     if "embeddings.project.weight" not in state:
         for suffix, tensor in identity_projection(

@@ -1,9 +1,9 @@
-"""Attention, feed-forward and norm layers for the two block families.
+"""Attention, feed-forward and norm layers, and the block of each family.
 
 A block is two sublayers, attention then feed-forward, each with its own norm and residual.
 Keeping them apart lets the sharing plan share the whole block, only attention, or only the
 FFN. The family decides the residual style (albert: post-LN; llama: pre-RMSNorm) and the
-layers inside; `FAMILIES` is the registry the model builds from.
+layers inside: one `BlockFamily` per family, named by its spec (pretrain/families).
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ class PreNormSublayer(nn.Module):
 
 @dataclass(frozen=True)
 class BlockFamily:
-    """Everything that differs between the albert and llama families."""
+    """The layers of a family's blocks: residual style, norm, MLP, biases, positions."""
 
     sublayer: type[nn.Module]
     norm: Callable[[int, float], nn.Module]
@@ -303,23 +303,21 @@ class BlockFamily:
         return self.sublayer(self.mlp(cfg), self.norm(cfg.hidden_size, cfg.norm_eps), cfg.dropout)
 
 
-FAMILIES: dict[str, BlockFamily] = {
-    "albert": BlockFamily(
-        sublayer=PostNormSublayer,
-        norm=lambda dim, eps: nn.LayerNorm(dim, eps=eps),
-        mlp=GeluMLP,
-        bias=True,
-        learned_positions=True,
-        embedding_norm=True,
-        final_norm=False,
-    ),
-    "llama": BlockFamily(
-        sublayer=PreNormSublayer,
-        norm=RMSNorm,
-        mlp=SwiGLU,
-        bias=False,
-        learned_positions=False,
-        embedding_norm=False,
-        final_norm=True,
-    ),
-}
+ALBERT_BLOCKS = BlockFamily(
+    sublayer=PostNormSublayer,
+    norm=lambda dim, eps: nn.LayerNorm(dim, eps=eps),
+    mlp=GeluMLP,
+    bias=True,
+    learned_positions=True,
+    embedding_norm=True,
+    final_norm=False,
+)
+LLAMA_BLOCKS = BlockFamily(
+    sublayer=PreNormSublayer,
+    norm=RMSNorm,
+    mlp=SwiGLU,
+    bias=False,
+    learned_positions=False,
+    embedding_norm=False,
+    final_norm=True,
+)

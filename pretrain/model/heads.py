@@ -59,6 +59,3 @@ class SOPHead(nn.Module):
     def forward(self, h_BTH: torch.Tensor) -> torch.Tensor:
         pooled_BH = torch.tanh(self.pooler(h_BTH[:, 0]))
         return self.classifier(self.dropout(pooled_BH))
-
-
-TOKEN_HEADS: dict[str, type[nn.Module]] = {"albert": MLMHead, "llama": CausalLMHead}

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from pretrain.config import ModelConfig, SharingConfig
-from pretrain.model.blocks import FAMILIES, LayerContext, RowSplit, rope_tables
-from pretrain.model.compress import ShareReport, compress
+from pretrain.model.blocks import LayerContext, RowSplit, rope_tables
 from pretrain.model.embeddings import FactorizedEmbedding
 from pretrain.model.encoder import AdaptiveComputationTime, SharedEncoder
-from pretrain.model.heads import TOKEN_HEADS, SOPHead
+from pretrain.model.heads import SOPHead
 from pretrain.model.relaxed import LowRankDelta
+from pretrain.model.reshare import ShareReport, reshare
 from pretrain.sharing import STRATEGIES
 
 
@@ -37,12 +37,12 @@ class SharedTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        family = FAMILIES[cfg.family]
+        family = cfg.spec.block_family()
         self.embeddings = FactorizedEmbedding(cfg, family)
         self.encoder = SharedEncoder(cfg, family)
         self.final_norm = family.norm(cfg.hidden_size, cfg.norm_eps) if family.final_norm else None
-        self.head = TOKEN_HEADS[cfg.family](cfg)
-        self.sop_head = SOPHead(cfg) if cfg.family == "albert" and cfg.sop_head else None
+        self.head = cfg.spec.token_head_class()(cfg)
+        self.sop_head = SOPHead(cfg) if cfg.spec.sop_head and cfg.sop_head else None
         self.apply(self._init_weights)
 
     @property
@@ -87,10 +87,10 @@ class SharedTransformer(nn.Module):
             ratio=ratio,
             tie_penalty=tie_penalty,
         )
-        state, cfg, report = compress(self.state_dict(), self.cfg, sharing)
+        state, cfg, report = reshare(self.state_dict(), self.cfg, sharing)
         like = next(self.encoder.parameters())
         with torch.device(like.device):
-            encoder = SharedEncoder(cfg, FAMILIES[cfg.family]).to(like.dtype)
+            encoder = SharedEncoder(cfg, cfg.spec.block_family()).to(like.dtype)
         prefix = "encoder."
         encoder.load_state_dict(
             {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -122,7 +122,7 @@ class SharedTransformer(nn.Module):
     ) -> LayerContext:
         T, device = input_ids_BT.shape[1], input_ids_BT.device
         rope = None
-        if not FAMILIES[self.cfg.family].learned_positions:
+        if not self.cfg.spec.block_family().learned_positions:
             rope = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, device, dtype)
         if attention_mask_BT is None:
             return LayerContext(mask=None, is_causal=self.cfg.causal, rope=rope)

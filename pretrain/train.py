@@ -29,7 +29,7 @@ import torch
 from pretrain import hardware
 from pretrain.config import Config, ConfigError, load_config, to_dict
 from pretrain.data.loader import PretrainDataset, make_loader
-from pretrain.engine import checkpoint, pipeline, runtime
+from pretrain.engine import checkpoint, manifest, pipeline, resume, runtime, universal
 from pretrain.errors import UserError, print_error
 from pretrain.evaluate import HeldOut
 from pretrain.export import native
@@ -93,7 +93,7 @@ class Trainer:
         self.eval_data = PretrainDataset(cfg, "valid") if cfg.train.eval_every else None
         self.teacher = self._load_teacher() if cfg.distill.teacher else None
         model = SharedTransformer(cfg.model)
-        if cfg.train.init_from and not checkpoint.has_checkpoint(self.ckpt_dir):
+        if cfg.train.init_from and not manifest.has_checkpoint(self.ckpt_dir):
             self._init_from(model, cfg.train.init_from)
         if cfg.distill.hidden_weight > 0:
             self._add_projection(model)
@@ -273,22 +273,24 @@ class Trainer:
 
     def _resume(self) -> None:
         # Rank 0 verifies (hashing every file once, not once per rank) and tells the others.
-        newest = checkpoint.newest_valid(self.ckpt_dir) if self.world.rank == 0 else None
+        newest = manifest.newest_valid(self.ckpt_dir) if self.world.rank == 0 else None
         tag, skipped = runtime.broadcast_object(newest)
         for bad, problem in skipped:
             self._print(f"warning: skipping checkpoint {self.ckpt_dir / bad}: {problem}")
         if tag is None:
             return
         where = str(self.ckpt_dir / tag)
-        state = checkpoint.read_run_state(self.ckpt_dir, tag)
-        schedule = checkpoint.check_resumable(
+        state = manifest.read_run_state(self.ckpt_dir, tag)
+        schedule = resume.check_resumable(
             state, self.cfg, self.train_data.tokenizer.info.checksum, self.world.size, where
         )
-        for key, before, now in checkpoint.loss_changes(state, self.cfg):
+        for key, before, now in resume.loss_changes(state, self.cfg):
             self._print(f"resuming with a changed loss: {key} {before!r} -> {now!r}")
-        universal = self._reshard(state, tag, where)
+        from_universal = self._reshard(state, tag, where)
         saved_ranks = state["world_size"]
-        checkpoint.load(self.engine, self.ckpt_dir, tag, self.world.rank, saved_ranks, universal)
+        checkpoint.load(
+            self.engine, self.ckpt_dir, tag, self.world.rank, saved_ranks, from_universal
+        )
         self.step, self.consumed = state["step"], state["consumed_samples"]
         self.last_saved = self.step
         self._print(f"resumed from {where} at step {self.step} ({self.consumed} samples)")
@@ -302,13 +304,13 @@ class Trainer:
     def _reshard(self, state: dict, tag: str, where: str) -> bool:
         """Whether checkpoint `tag` loads from its universal form: saved on another layout,
         it is converted by rank 0 (once: later resumes reuse the conversion)."""
-        before = checkpoint.saved_layout(state)
-        now = checkpoint.layout(self.cfg, self.world.size)
-        if not checkpoint.needs_resharding(before, now):
+        before = resume.saved_layout(state)
+        now = resume.layout(self.cfg, self.world.size)
+        if not resume.needs_resharding(before, now):
             return False
-        universal = self.ckpt_dir / tag / checkpoint.UNIVERSAL
-        self._print(f"resharding checkpoint from {before} to {now} through {universal}")
-        checkpoint.prepare_universal(self.ckpt_dir, tag, self.world.rank, where)
+        form = self.ckpt_dir / tag / manifest.UNIVERSAL
+        self._print(f"resharding checkpoint from {before} to {now} through {form}")
+        universal.prepare_universal(self.ckpt_dir, tag, self.world.rank, where)
         return True
 
     def save(self) -> None:
@@ -340,7 +342,7 @@ class Trainer:
     def _last_sound(self) -> str:
         """The checkpoint this run last saved or resumed from ("none" before either)."""
         return (
-            str(self.ckpt_dir / checkpoint.tag_for(self.last_saved))
+            str(self.ckpt_dir / manifest.tag_for(self.last_saved))
             if self.last_saved >= 0
             else "none"
         )

@@ -98,10 +98,30 @@ def test_the_model_and_data_load_no_deepspeed_and_no_module_of_theirs_imports_di
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(
-    "package", ["pretrain.config", "pretrain.sharing", "pretrain.labels", "pretrain.families"]
+    "package",
+    [
+        "pretrain.config",
+        "pretrain.sharing",
+        "pretrain.labels",
+        "pretrain.families",
+        "pretrain.engine.manifest",  # export and the preflight read checkpoints through it
+        "pretrain.engine.resume",
+    ],
 )
 def test_configs_and_plans_are_checked_without_torch(cli, package):
     assert not loaded_by(cli, package)["torch"]
+
+
+@pytest.mark.unit
+def test_torch_load_is_patched_in_one_module_only():
+    """DeepSpeed's converters call torch.load themselves: the patch that makes those loads
+    weights-only lives in engine/universal.py, and nothing else mocks anything."""
+    patching = [
+        path.relative_to(REPO).as_posix()
+        for path in (REPO / "pretrain").rglob("*.py")
+        if any(name.startswith("unittest") for name in imported_names(path))
+    ]
+    assert patching == ["pretrain/engine/universal.py"]
 
 
 @pytest.mark.unit

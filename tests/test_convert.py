@@ -13,7 +13,7 @@ import yaml
 from helpers import BASE, REPO, env, launch_args, run_process, tiny_hf_config, train
 
 from pretrain.config import load_config
-from pretrain.engine.checkpoint import write_manifest
+from pretrain.engine.manifest import write_manifest
 from pretrain.export.checkpoint import read_checkpoint
 from pretrain.export.hf import save_hf
 from pretrain.export.native import load_model, save_native

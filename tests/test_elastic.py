@@ -11,13 +11,13 @@ import pytest
 from helpers import BASE, REPO, losses, run_single, train
 
 from pretrain.config import load_config
-from pretrain.engine import checkpoint
-from pretrain.engine.checkpoint import ResumeError
+from pretrain.engine import manifest, resume, universal
+from pretrain.engine.resume import ResumeError
 
 pytestmark = pytest.mark.distributed
 
 STEPS, SAVED = 6, 3
-TAG = checkpoint.tag_for(SAVED)
+TAG = manifest.tag_for(SAVED)
 # Every layout takes the same 8 samples per step (micro-batches of 4): 2 ranks x 1
 # micro-batch, or 1 rank x 2.
 ONE_RANK = "--engine.grad_accum_steps=2"
@@ -82,27 +82,27 @@ def test_the_data_position_carries_over_exactly(straight, on_one_rank):
     # same predictions (one sample off would move an accuracy by a whole count).
     for key in ("mlm_acc", "sop_acc"):
         assert losses(out, key)[SAVED + 1] == pytest.approx(losses(straight, key)[SAVED + 1])
-    final = checkpoint.tag_for(STEPS)
-    resumed = checkpoint.read_run_state(out / "checkpoints", final)
+    final = manifest.tag_for(STEPS)
+    resumed = manifest.read_run_state(out / "checkpoints", final)
     assert resumed["world_size"] == 1
     assert resumed["consumed_samples"] == STEPS * 8
-    assert checkpoint.read_run_state(straight / "checkpoints", final)["consumed_samples"] == 48
+    assert manifest.read_run_state(straight / "checkpoints", final)["consumed_samples"] == 48
 
 
 def test_the_universal_form_is_converted_once_and_leaves_the_tag_whole(on_one_rank, tmp_path):
     run, _ = on_one_rank
     tag_dir = tmp_path / TAG
     shutil.copytree(run / "checkpoints" / TAG, tag_dir)
-    universal = tag_dir / checkpoint.UNIVERSAL
-    assert checkpoint.manifest_problem(tag_dir) is None  # the tag's manifest leaves it out
-    assert checkpoint.manifest_problem(universal) is None  # its own manifest holds it
-    assert not (run / "checkpoints" / checkpoint._PARTIAL).exists()
-    assert checkpoint._convert_once(tag_dir) is True  # a later resume reuses it
+    form = tag_dir / manifest.UNIVERSAL
+    assert manifest.manifest_problem(tag_dir) is None  # the tag's manifest leaves it out
+    assert manifest.manifest_problem(form) is None  # its own manifest holds it
+    assert not (run / "checkpoints" / universal._PARTIAL).exists()
+    assert universal._convert_once(tag_dir) is True  # a later resume reuses it
     # One cut short (no manifest, as a killed conversion under the final name would be)
     # is converted again, never trusted.
-    (universal / checkpoint.MANIFEST).unlink()
-    assert checkpoint._convert_once(tag_dir) is False
-    assert checkpoint.manifest_problem(universal) is None
+    (form / manifest.MANIFEST).unlink()
+    assert universal._convert_once(tag_dir) is False
+    assert manifest.manifest_problem(form) is None
 
 
 def check(before: dict, now: dict) -> None:
@@ -113,7 +113,7 @@ def check(before: dict, now: dict) -> None:
     saved["engine"] |= before
     state = {"config": saved, "tokenizer_checksum": "t", "step": 3, "world_size": 2}
     cfg = load_config(config, [*BASE, *(f"--engine.{k}={v}" for k, v in now.items())])
-    checkpoint.check_resumable(state, cfg, "t", 1, "c")
+    resume.check_resumable(state, cfg, "t", 1, "c")
 
 
 def test_layouts_the_universal_form_cannot_reach_are_one_line_each():

@@ -100,7 +100,9 @@ def test_export_modules_import_no_deepspeed_or_transformers_when_imported():
         bad = {
             m
             for m in imported_modules(path, nested=False)
-            if m.split(".")[0] in ("deepspeed", "transformers") or m.startswith("pretrain.engine")
+            if m.split(".")[0] in ("deepspeed", "transformers")
+            # the manifest reader is standard library only (test_boundaries holds it so)
+            or (m.startswith("pretrain.engine") and m != "pretrain.engine.manifest")
         }
         assert not bad, f"{path.name} imports {sorted(bad)} with itself"
 

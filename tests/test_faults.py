@@ -35,9 +35,10 @@ from pretrain.config.schema import DistillConfig, ObjectiveConfig
 from pretrain.data.preprocess import METADATA
 from pretrain.data.shards import TokenShards
 from pretrain.data.tokenizer import Tokenizer
-from pretrain.engine import checkpoint
-from pretrain.engine.checkpoint import MANIFEST, manifest_problem, write_manifest
+from pretrain.engine import manifest
+from pretrain.engine.manifest import MANIFEST, manifest_problem, write_manifest
 from pretrain.engine.optim import lr_factor
+from pretrain.engine.resume import loss_changes
 
 pytestmark = pytest.mark.faults
 
@@ -101,12 +102,12 @@ def test_pruning_keeps_valid_checkpoints_over_broken_ones(run):
     ckpt = run / "checkpoints"
     broken_copy(ckpt, STEP2, "step00000003")  # broken, older than the newest valid
     broken_copy(ckpt, STEP4, "step00000009")  # broken, newer than every valid one
-    checkpoint._prune(ckpt, keep_last=1)
-    assert checkpoint.step_tags(ckpt) == [STEP4, "step00000009"]
+    manifest.prune(ckpt, keep_last=1)
+    assert manifest.step_tags(ckpt) == [STEP4, "step00000009"]
     # Only broken tags left beside one valid: the valid one stays whatever keep_last says.
     shutil.rmtree(ckpt / STEP4)
-    checkpoint._prune(ckpt, keep_last=1)
-    assert checkpoint.step_tags(ckpt) == ["step00000009"]
+    manifest.prune(ckpt, keep_last=1)
+    assert manifest.step_tags(ckpt) == ["step00000009"]
 
 
 @pytest.mark.distributed
@@ -125,7 +126,7 @@ def test_resume_skips_a_broken_newer_save_and_pruning_removes_it(run, shards_dir
     assert len(warnings) == 1 and "step00000005" in warnings[0] and "bytes" in warnings[0]
     assert f"resumed from {ckpt / STEP4} at step 4" in result.stderr
     # step 6 saved and verified; the valid step 4 and the broken step 5 are both gone.
-    assert checkpoint.step_tags(ckpt) == ["step00000006"]
+    assert manifest.step_tags(ckpt) == ["step00000006"]
     assert manifest_problem(ckpt / "step00000006") is None
 
 
@@ -264,7 +265,7 @@ def test_requests_that_cannot_be_honoured_are_errors(run, shards_dir):
     # The checkpoint would carry its own LR on: a new one must be asked for.
     line = one_error(resume(run, shards_dir, "--train.max_steps=8", "--optim.lr=0.001"))
     assert "planned with optim.lr=0.003" in line
-    assert checkpoint.step_tags(run / "checkpoints") == [STEP2, STEP4]  # nothing touched
+    assert manifest.step_tags(run / "checkpoints") == [STEP2, STEP4]  # nothing touched
 
 
 @pytest.mark.distributed
@@ -275,7 +276,7 @@ def test_resuming_under_another_loss_is_refused_unless_asked(run, shards_dir):
         " trained with objective.mask_prob=0.15" in line
     )
     assert "--train.allow_loss_change=true" in line
-    assert checkpoint.newest_valid(run / "checkpoints")[0] == STEP4  # nothing written
+    assert manifest.newest_valid(run / "checkpoints")[0] == STEP4  # nothing written
     asked = ("--objective.mask_prob=0.3", "--train.allow_loss_change=true")
     result = resume(run, shards_dir, "--train.max_steps=5", *asked)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -286,17 +287,17 @@ def test_resuming_under_another_loss_is_refused_unless_asked(run, shards_dir):
 def test_every_setting_of_the_loss_counts_as_a_change_and_a_missing_key_as_its_default():
     cfg = Config()
     saved = {"config": cfg.to_dict()}
-    assert checkpoint.loss_changes(saved, cfg) == []
+    assert loss_changes(saved, cfg) == []
     other = Config(distill=DistillConfig(teacher="runs/teacher", alpha=0.5))
-    assert checkpoint.loss_changes(saved, other) == [
+    assert loss_changes(saved, other) == [
         ("distill.teacher", "", "runs/teacher"),
         ("distill.alpha", 1.0, 0.5),
     ]
     # A checkpoint of a version without objective.max_ngram trained with its default.
     del saved["config"]["objective"]["max_ngram"]
-    assert checkpoint.loss_changes(saved, cfg) == []
+    assert loss_changes(saved, cfg) == []
     changed = Config(objective=ObjectiveConfig(max_ngram=1))
-    assert checkpoint.loss_changes(saved, changed) == [("objective.max_ngram", 3, 1)]
+    assert loss_changes(saved, changed) == [("objective.max_ngram", 3, 1)]
 
 
 @pytest.mark.distributed
@@ -328,7 +329,7 @@ def test_a_diverged_run_stops_and_keeps_the_last_sound_checkpoint(run, shards_di
     line = one_error(result)
     assert "all had non-finite losses: the run diverged" in line
     assert f"last checkpoint: {run / 'checkpoints' / STEP4}" in line
-    assert checkpoint.newest_valid(run / "checkpoints")[0] == STEP4
+    assert manifest.newest_valid(run / "checkpoints")[0] == STEP4
 
 
 @pytest.mark.distributed
@@ -352,7 +353,7 @@ def test_a_run_that_ends_diverged_fails_and_never_saves_a_non_finite_state(run, 
         "the run diverged: its weights became non-finite and 2 of its steps after the last"
         f" sound checkpoint were skipped as non-finite; the last sound checkpoint is {sound}"
     ) in line
-    assert checkpoint.newest_valid(run / "checkpoints")[0] == STEP4
+    assert manifest.newest_valid(run / "checkpoints")[0] == STEP4
     assert (run / "checkpoints" / "latest").read_text().strip() == STEP4
     last = next(row for row in result.stderr.splitlines() if row.startswith("last loss"))
     assert last.endswith("(step 5; no finite loss after it, to step 7)")
@@ -449,7 +450,7 @@ def test_sigterm_to_the_launcher_returns_after_the_ranks_saved_and_resumes(
     assert process.returncode == 0, stderr[-3000:]
     assert rank_processes(out) == []  # none still running, saving or not
     assert "signal received: saving a checkpoint" in stderr
-    tag, skipped = checkpoint.newest_valid(out / "checkpoints")
+    tag, skipped = manifest.newest_valid(out / "checkpoints")
     assert tag is not None and skipped == []
     saved = int(tag.removeprefix("step"))
     assert saved >= 3

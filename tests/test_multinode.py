@@ -36,7 +36,7 @@ from helpers import (
     wait_for_step,
 )
 
-from pretrain.engine import checkpoint
+from pretrain.engine import manifest
 
 pytestmark = pytest.mark.cluster
 
@@ -219,7 +219,7 @@ def test_sigterm_to_a_hostfile_launch_reaches_every_nodes_ranks(
         assert len(ended) == 1, (node, lines[-40:])
     assert "signal received: saving a checkpoint" in output
     assert not [p for p in psutil.process_iter(["cmdline"]) if _is_rank_of(p, out)]
-    tag, skipped = checkpoint.newest_valid(out / "checkpoints")
+    tag, skipped = manifest.newest_valid(out / "checkpoints")
     assert tag is not None and skipped == [] and int(tag.removeprefix("step")) >= 3
 
 

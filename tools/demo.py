@@ -18,7 +18,7 @@ from pathlib import Path
 from pretrain.config import load_config
 from pretrain.data.baseline import held_out_baseline
 from pretrain.data.corpus import prepare_default_data
-from pretrain.engine.checkpoint import newest_valid, read_run_state
+from pretrain.engine.manifest import newest_valid, read_run_state
 from pretrain.errors import main_guard
 from pretrain.model.accounting import account
 

@@ -2,8 +2,8 @@
 without unpickling arbitrary objects.
 
 DeepSpeed's own zero_to_fp32 does the consolidation; every `torch.load` it makes goes
-through `checkpoint.safe_load` (`weights_only=True` and an allowlist of the few plain data
-classes DeepSpeed puts into its optimizer files, by `checkpoint.weights_only_loads`), so a
+through `weights.safe_load` (`weights_only=True` and an allowlist of the few plain data
+classes DeepSpeed puts into its optimizer files, by `universal.weights_only_loads`), so a
 checkpoint folder cannot execute code when it is read. Reading a checkpoint for export
 (its config and tokenizer, checked against the weights) is export/checkpoint.py.
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from deepspeed.utils import zero_to_fp32
 
-from pretrain.engine.checkpoint import safe_load, weights_only_loads
+from pretrain.engine.universal import weights_only_loads
+from pretrain.engine.weights import safe_load
 
 
 def fp32_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:

@@ -26,8 +26,8 @@ from deepspeed.runtime.utils import partition_balanced
 from torch import nn
 
 from pretrain.config import Config, ModelConfig
-from pretrain.engine.checkpoint import safe_load
 from pretrain.engine.consolidate import stage_fp32_state_dict
+from pretrain.engine.weights import safe_load
 from pretrain.model import ModelOutput, SharedTransformer
 from pretrain.model.accounting import count, predicted_fraction
 from pretrain.model.blocks import LayerContext

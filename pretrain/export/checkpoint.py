@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from pretrain.config import Config, ModelConfig, from_dict
 from pretrain.data.tokenizer import MODEL_FILE, Tokenizer
+from pretrain.engine.manifest import LATEST, RUN_STATE, check_tag, newest_valid, read_run_state
 from pretrain.errors import UserError
 from pretrain.export.native import CONFIG, TOKENIZER, WEIGHTS, check_state, load_config
 from pretrain.model import SharedTransformer
@@ -42,8 +43,6 @@ class TrainedModel:
 
 def checkpoint_folder(path: str | Path) -> Path:
     """The checkpoints/ folder of a run directory, or the folder itself."""
-    from pretrain.engine.checkpoint import LATEST, RUN_STATE
-
     path = Path(path)
     for candidate in (path / "checkpoints", path):
         if (candidate / LATEST).is_file() or any(candidate.glob("step*/" + RUN_STATE)):
@@ -74,8 +73,6 @@ def _tokenizer_for(run_state: dict, override: str | Path | None, where: str) -> 
 
 def newest_valid_tag(folder: Path) -> str:
     """The newest checkpoint in `folder` that verifies; each newer one skipped is named."""
-    from pretrain.engine.checkpoint import newest_valid
-
     tag, skipped = newest_valid(folder)
     for bad, problem in skipped:
         print(f"warning: skipping checkpoint {folder / bad}: {problem}", file=sys.stderr)
@@ -95,7 +92,6 @@ def read_checkpoint(
     path: str | Path, tag: str | None = None, tokenizer: str | Path | None = None
 ) -> TrainedModel:
     """Consolidated fp32 weights, model config and tokenizer of a training checkpoint."""
-    from pretrain.engine.checkpoint import check_tag, read_run_state
     from pretrain.engine.consolidate import fp32_state_dict
     from pretrain.engine.pipeline import pipeline_state_dict
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from pretrain.config import Config, ConfigError, ModelConfig, from_dict
 from pretrain.data.tokenizer import MODEL_FILE, Tokenizer, file_checksum
+from pretrain.engine.manifest import read_run_state
 from pretrain.errors import UserError
 from pretrain.export import native
 from pretrain.export.checkpoint import checkpoint_folder, model_weights, newest_valid_tag
@@ -76,8 +77,6 @@ def describe_teacher(path: str | Path) -> TeacherSource:
         spiece = path / MODEL_FILE
         checksum = file_checksum(spiece) if spiece.is_file() else None
         return TeacherSource("hf", path, cfg, checksum, str(path), _hf_pieces(path))
-    from pretrain.engine.checkpoint import read_run_state
-
     try:
         folder = checkpoint_folder(path)
         tag = newest_valid_tag(folder)

@@ -29,36 +29,30 @@ from pretrain.data.tokenizer import MODEL_FILE, file_checksum
 from pretrain.errors import UserError, main_guard
 from pretrain.evaluate import held_out_batches
 from pretrain.export import compressed
-from pretrain.export.checkpoint import TrainedModel, checkpoint_folder, read_trained
-from pretrain.export.native import CONFIG, WEIGHTS
-from pretrain.model import SharedTransformer
+from pretrain.export.native import WEIGHTS
+from pretrain.export.open import Opened, read, refuse, what_is
 
 SOURCE = "a native export folder (model.safetensors and config.json) or a run directory"
+TAKES = ("run", "checkpoint", "native")
 
 
-def _is_native(path: Path) -> bool:
-    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
-
-
-def read_source(path: Path, method: str) -> TrainedModel:
+def read_source(path: Path, method: str) -> Opened:
     """The fp32 model at `path`; one line naming what to pass instead when it is none."""
-    if compressed.is_int8(path):
+    found = what_is(path)
+    if found.kind == "int8":
         raise UserError(
             f"SOURCE {path} is already an int8 export; {method} the fp32 model it was made from"
         )
-    if not path.is_dir():
-        raise UserError(f"SOURCE {path} is not a folder: pass {SOURCE}")
-    if not _is_native(path):
-        try:
-            checkpoint_folder(path)
-        except UserError:
-            raise UserError(f"SOURCE {path} holds no model: pass {SOURCE}") from None
-    return read_trained(path)
+    if found.kind == "hf":
+        raise UserError(
+            f"SOURCE {path} is a Hugging Face model folder; import it first (python -m pretrain"
+            f" convert --from-hf {path} --format native --output DIR), then {method} DIR"
+        )
+    refuse(found, TAKES, f"compress {method}")
+    return read(found)
 
 
-def report_config(
-    args: argparse.Namespace, overrides: list[str], trained: TrainedModel
-) -> Config | None:
+def report_config(args: argparse.Namespace, overrides: list[str], trained: Opened) -> Config | None:
     """The Config whose data and objective the report evaluates on; None without one."""
     if args.no_report:
         if overrides or args.data or args.config:
@@ -70,7 +64,7 @@ def report_config(
         return eval_config(args.config, args.data, overrides)
     if overrides:
         raise UserError(f"{overrides[0]}: overrides apply to --data or --config; pass one")
-    if _is_native(Path(args.source)):
+    if trained.kind == "native":
         raise UserError(
             f"SOURCE {args.source} is an export and carries no data to evaluate on; pass"
             " --data PATH (preprocessed shards) or --config CONFIG, or --no-report"
@@ -78,7 +72,7 @@ def report_config(
     return trained.run_config
 
 
-def check_report_data(cfg: Config, trained: TrainedModel, eval_batches: int) -> None:
+def check_report_data(cfg: Config, trained: Opened, eval_batches: int) -> None:
     """Before anything is written: the report's held-out data loads, fits the model's
     positions, and was tokenized with the model's tokenizer."""
     if eval_batches < 1:
@@ -88,26 +82,21 @@ def check_report_data(cfg: Config, trained: TrainedModel, eval_batches: int) -> 
     held_out_batches(dataclasses.replace(cfg, model=trained.cfg), 1, 1, checksum)
 
 
-def _fp32_model(trained: TrainedModel) -> SharedTransformer:
-    model = SharedTransformer(trained.cfg)
-    model.load_state_dict(trained.state)
-    return model.eval()
-
-
-def _tokenizer(trained: TrainedModel) -> Path | None:
+def _tokenizer(trained: Opened) -> Path | None:
     """The tokenizer folder to copy; None for a source without one (an imported model)."""
-    return trained.tokenizer_dir if (trained.tokenizer_dir / MODEL_FILE).is_file() else None
+    folder = trained.tokenizer_dir
+    return folder if folder is not None and (folder / MODEL_FILE).is_file() else None
 
 
-def run_int8(trained: TrainedModel, args: argparse.Namespace) -> dict:
-    model = _fp32_model(trained)
+def run_int8(trained: Opened, args: argparse.Namespace) -> dict:
+    model = trained.build()
     count = compressed.quantize_int8(model)
     compressed.save_int8(model, trained.cfg, _tokenizer(trained), args.output, trained.where)
     return {"method": "int8", "source": trained.where, "quantized_linears": count}
 
 
-def run_prune(trained: TrainedModel, args: argparse.Namespace) -> dict:
-    model = _fp32_model(trained)
+def run_prune(trained: Opened, args: argparse.Namespace) -> dict:
+    model = trained.build()
     pruned = compressed.prune(model, args.sparsity)
     summary = {
         "method": "prune",
@@ -122,7 +111,7 @@ def run_prune(trained: TrainedModel, args: argparse.Namespace) -> dict:
     return summary
 
 
-METHODS: dict[str, Callable[[TrainedModel, argparse.Namespace], dict]] = {
+METHODS: dict[str, Callable[[Opened, argparse.Namespace], dict]] = {
     "int8": run_int8,
     "prune": run_prune,
 }

@@ -28,12 +28,13 @@ from pretrain.data.tokenizer import MODEL_FILE
 from pretrain.errors import UserError, main_guard
 from pretrain.export import hf, native
 from pretrain.export.card import CARD, LICENSE, RunFacts
-from pretrain.export.checkpoint import read_trained
+from pretrain.export.open import open_model, read, refuse, what_is
 from pretrain.export.verify import max_logit_diff
-from pretrain.model import SharedTransformer
 from pretrain.model.reshare import reshare
 
 VERIFY = {"native": native.verify, "hf": hf.verify}
+EXPORTS = ("run", "checkpoint", "native")
+"""What --checkpoint exports."""
 
 
 def check_output(output: Path) -> None:
@@ -50,19 +51,20 @@ def parse_reshare(text: str) -> SharingConfig:
     return from_dict(SharingConfig, fields, "--reshare")
 
 
-def our_model(state: dict[str, torch.Tensor], cfg: ModelConfig) -> SharedTransformer:
-    model = SharedTransformer(cfg)
-    model.load_state_dict(state)
-    return model.eval()
-
-
 def report_verify(state: dict[str, torch.Tensor], cfg: ModelConfig, output: Path, fmt: str) -> None:
-    diff = VERIFY[fmt](our_model(state, cfg), output)
+    diff = VERIFY[fmt](native.build_model(state, cfg, str(output)), output)
     print(f"verify: max |logit diff| = {diff:.3e}")
 
 
 def export(args) -> int:
-    trained = read_trained(args.checkpoint, args.tag, args.tokenizer)
+    found = what_is(args.checkpoint, args.tag)
+    if found.kind == "hf":
+        raise UserError(
+            f"--checkpoint {args.checkpoint} is a Hugging Face model folder: import it with"
+            " --from-hf instead"
+        )
+    refuse(found, EXPORTS, "--checkpoint")
+    trained = read(found, args.tokenizer)
     tokenizer = trained.tokenizer_dir
     if not (tokenizer / MODEL_FILE).is_file():  # a native import has no tokenizer of ours
         if args.format == "hf":
@@ -90,18 +92,20 @@ def export(args) -> int:
 def import_hf(args) -> int:
     if args.format != "native":
         raise UserError("--from-hf imports into our format: use --format native")
-    state, cfg, fmt = hf.load_hf(args.from_hf)
-    imported = state, cfg
+    opened = open_model(args.from_hf, accepts=("hf",), command="--from-hf")
+    state, cfg = imported = opened.state, opened.cfg
     if args.reshare:
         state, cfg, report = reshare(state, cfg, parse_reshare(args.reshare))
         print("\n".join(report.lines()))
     native.save_native(state, cfg, None, args.output)
     parameters = sum(v.numel() for v in state.values())
-    print(f"imported {fmt.model_type} ({parameters:,} parameters) to {args.output}")
+    model_type = opened.found.meta["model_type"]
+    print(f"imported {model_type} ({parameters:,} parameters) to {args.output}")
     if args.verify:
         report_verify(state, cfg, args.output, "native")
         if args.reshare:
-            diff = max_logit_diff(our_model(*imported), our_model(state, cfg))
+            before = native.build_model(*imported, opened.where)
+            diff = max_logit_diff(before, native.build_model(state, cfg, str(args.output)))
             print(f"resharing: max |logit diff| against the imported model = {diff:.3e}")
     return 0
 

@@ -58,6 +58,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from pretrain.data.sources import DataError
 from pretrain.errors import UserError, main_guard
 from pretrain.export.hf import FORMATS
+from pretrain.export.open import KINDS, kind_of
 from pretrain.pickles import refusing_pickles
 
 Tokenizer = transformers.PreTrainedTokenizerBase
@@ -426,8 +427,14 @@ def load_splits(args: argparse.Namespace) -> tuple[dict[str, tuple[list, list]],
 def load_model(
     folder: Path, ids: dict[str, int], seed: int
 ) -> tuple[Tokenizer, transformers.PreTrainedModel]:
-    if not (folder / "config.json").is_file():
-        raise DataError(f"--model {folder} is not a Hugging Face model folder (no config.json)")
+    kind = kind_of(folder)
+    if kind == "int8":
+        raise DataError(f"--model {folder} is an int8 export; fine-tune an HF export instead")
+    if kind != "hf":
+        raise DataError(
+            f"--model {folder} is {KINDS[kind]}, not a Hugging Face model folder; export it"
+            f" first: python -m pretrain convert --checkpoint {folder} --format hf --output DIR"
+        )
     transformers.set_seed(seed)  # before the model: its classifier head is freshly initialized
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     with refusing_pickles(folder):

@@ -6,8 +6,8 @@ python -m pretrain.report RUN_OR_EXPORT [RUN_OR_EXPORT ...] [--data PATH] [--con
 
 (dotted overrides refine the evaluation config of --config/--data)
 
-Each path is a run directory or checkpoint folder, a native export, a Hugging Face model
-folder, or an int8 export. Per model:
+Each path is a run directory, checkpoints folder or one checkpoint's folder, a native
+export, a Hugging Face model folder, or an int8 export (pretrain.export.open). Per model:
 
 - size: unique and effective parameters (every application of a shared layer counts in
   effective), nonzero entries of the weights (pruning shows here), and the bytes of its
@@ -49,18 +49,13 @@ from pretrain.data.tokenizer import MODEL_FILE, file_checksum
 from pretrain.errors import UserError, main_guard
 from pretrain.evaluate import baseline, evaluate, held_out_batches
 from pretrain.export import native
-from pretrain.export.checkpoint import checkpoint_folder, read_trained
-from pretrain.export.hf import CONFIG_FILE, load_hf
+from pretrain.export.open import open_model
 from pretrain.model import SharedTransformer, SharingPlan, count
 from pretrain.model.accounting import TRAIN_FLOPS_PER_FORWARD, predicted_fraction
 from pretrain.objectives import model_inputs
 
 WEIGHT_FILES = ("*.safetensors", "*.bin")
 """What counts as a model folder's weights on disk (not its tokenizer or config)."""
-EXPECTED = (
-    "a run directory, a checkpoints folder, a native export (model.safetensors and"
-    " config.json), a Hugging Face model folder (config.json with model_type) or an int8 export"
-)
 TIMING_S = 1.0
 """Seconds each speed figure keeps repeating its forward for, after the warm-up."""
 MIN_REPEATS, MAX_REPEATS = 3, 1000
@@ -103,37 +98,12 @@ class Loaded:
     name: str
     path: str
     kind: str = "native"
-    """int8, native, checkpoint or hf."""
+    """What the folder is: pretrain.export.open.KINDS."""
     tokenizer_checksum: str | None = None
     """Of the tokenizer the model was trained with, where its folder says so."""
 
 
 # -- loading ----------------------------------------------------------------------------------
-
-
-def _kind(path: Path) -> str:
-    """What the folder at `path` holds: int8, hf, native or checkpoint."""
-    if not path.is_dir():
-        raise UserError(f"{path} is not a folder; expected {EXPECTED}")
-    from pretrain.export import compressed  # here: it loads torch's quantized modules
-
-    if compressed.is_int8(path):
-        return "int8"
-    config = path / CONFIG_FILE
-    if config.is_file():
-        try:
-            meta = json.loads(config.read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"{config} is not JSON; expected {EXPECTED}") from None
-        if isinstance(meta, dict) and "model_type" in meta:
-            return "hf"
-        if isinstance(meta, dict) and meta.get("format") == native.FORMAT:
-            return "native"
-    try:
-        checkpoint_folder(path)
-    except UserError:
-        raise UserError(f"{path} holds no model; expected {EXPECTED}") from None
-    return "checkpoint"
 
 
 def weight_file_bytes(path: Path) -> int:
@@ -175,38 +145,22 @@ def _tokenizer_checksum(path: Path) -> str | None:
     return None
 
 
-def _build(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> SharedTransformer:
-    model = SharedTransformer(cfg)
-    native.check_state(state, model, where)
-    model.load_state_dict(state)
-    return model.eval()
-
-
 def load_for_report(path: str | Path, tokenizer: str | Path | None = None) -> Loaded:
     """Any model folder the stack reads, in eval mode on CPU, with its size on disk.
 
     `tokenizer`: the training tokenizer of a checkpoint whose run no longer finds it."""
     folder = Path(path)
-    kind = _kind(folder)
+    opened = open_model(folder, tokenizer=tokenizer, command="report")
+    model, kind = opened.build(), opened.kind
     run_cfg, checksum = None, _tokenizer_checksum(folder)
-    if kind == "int8":
-        from pretrain.export import compressed
-
-        model = compressed.load_int8(folder)
-        disk = weight_file_bytes(folder)
-    elif kind == "hf":
-        state, cfg, _ = load_hf(folder)
-        model, disk = _build(state, cfg, str(folder)), weight_file_bytes(folder)
+    if kind in ("run", "checkpoint"):
+        # What `export --format native` would write of its fp32 weights.
+        state = {k: v.contiguous() for k, v in opened.state.items()}
+        disk = len(safetensors_bytes(state, {"format": native.FORMAT}))
+        run_cfg = opened.run_config
+        checksum = file_checksum(opened.tokenizer_dir / MODEL_FILE)
     else:
-        trained = read_trained(folder, tokenizer=tokenizer)
-        model = _build(trained.state, trained.cfg, trained.where)
-        if kind == "native":
-            disk = weight_file_bytes(folder)
-        else:  # what `export --format native` would write of its fp32 weights
-            state = {k: v.contiguous() for k, v in trained.state.items()}
-            disk = len(safetensors_bytes(state, {"format": native.FORMAT}))
-            run_cfg = trained.run_config
-            checksum = file_checksum(trained.tokenizer_dir / MODEL_FILE)
+        disk = weight_file_bytes(folder)
     return Loaded(
         model=model,
         model_cfg=model.cfg,

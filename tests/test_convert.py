@@ -255,7 +255,7 @@ def one_error(result) -> str:
 def test_clear_errors(checkpoints, tmp_path):
     import shutil
 
-    assert "is not a checkpoint folder" in one_error(
+    assert "holds no model" in one_error(
         run_convert("--checkpoint", tmp_path, "--format", "native", "--output", tmp_path / "o1")
     )
     line = one_error(

@@ -16,9 +16,9 @@ from pretrain.config import ConfigError, load_config
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.data.masking import IGNORE_INDEX
 from pretrain.data.tokenizer import MODEL_FILE, Tokenizer
-from pretrain.export.checkpoint import read_trained
 from pretrain.export.hf import save_hf
 from pretrain.export.native import save_native
+from pretrain.export.open import open_model
 from pretrain.export.teacher import TeacherError, check_teacher, describe_teacher, load_teacher
 from pretrain.model import SharedTransformer
 from pretrain.objectives import compute_loss, kd_loss, model_inputs
@@ -258,7 +258,7 @@ def test_check_refuses_a_teacher_on_another_tokenizer_in_one_line(
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     teacher.mkdir()
     empty = cli(*args)
-    assert empty.returncode == 2 and "not a checkpoint folder" in empty.stderr, empty.stderr
+    assert empty.returncode == 2 and "holds no model" in empty.stderr, empty.stderr
     assert len(empty.stderr.strip().splitlines()) == 1
 
 
@@ -288,11 +288,11 @@ def _kl_to_teacher(shards: Path, teacher_dir: Path, student_dir: Path) -> float:
     cfg = load_config(
         CONFIG, [f"--data.path={shards}", "--model.vocab_size=150", "--data.seq_length=48"]
     )
-    trained = read_trained(student_dir)
+    trained = open_model(student_dir)
     student = SharedTransformer(trained.cfg)
     student.load_state_dict(trained.state)
     student.eval()
-    teacher = read_trained(teacher_dir)
+    teacher = open_model(teacher_dir)
     reference = SharedTransformer(teacher.cfg)
     reference.load_state_dict(teacher.state)
     reference.eval()
@@ -321,7 +321,7 @@ def test_distillation_lowers_the_kl_to_the_teacher(runs, shards_dir):
     without = _kl_to_teacher(shards_dir, runs["teacher"], runs["plain"])
     assert with_kd < without, (with_kd, without)
     # the teacher is not saved with the student: its export holds only the student
-    assert read_trained(runs["distilled"]).state.keys() == read_trained(runs["plain"]).state.keys()
+    assert open_model(runs["distilled"]).state.keys() == open_model(runs["plain"]).state.keys()
 
 
 @pytest.mark.distributed
@@ -359,6 +359,6 @@ def test_hidden_states_are_matched_through_a_projection_that_export_leaves_out(
     for key in ("loss", "kd_loss", "hidden_loss"):
         assert losses(out, key) == losses(straight, key), key
     # ... and is not part of the model: the export holds the student's weights only
-    trained = read_trained(out)
+    trained = open_model(out)
     assert not any(k.startswith(PROJECTION) for k in trained.state)
     SharedTransformer(trained.cfg).load_state_dict(trained.state)

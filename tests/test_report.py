@@ -275,7 +275,7 @@ def test_a_run_directory_reports_on_its_own_config(shards_dir, tmp_path):
     result = run_cli("-m", "pretrain.report", str(out), "--eval-batches=1", "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = json.loads(result.stdout)
-    assert row["kind"] == "checkpoint" and row["seq_length"] == 48  # the run's, not the default
+    assert row["kind"] == "run" and row["seq_length"] == 48  # the run's, not the default
     assert row["plan"] == "all scope=block" and row["unique_params"] < row["effective_params"]
     run_cfg = load_config(
         REPO / "configs" / "tiny-albert.yaml", [f"--data.path={shards_dir}", *BASE]

@@ -18,7 +18,7 @@ from pretrain.config import Config, ModelConfig, from_dict
 from pretrain.data.tokenizer import MODEL_FILE, Tokenizer
 from pretrain.engine.manifest import LATEST, RUN_STATE, check_tag, newest_valid, read_run_state
 from pretrain.errors import UserError
-from pretrain.export.native import CONFIG, TOKENIZER, WEIGHTS, check_state, load_config
+from pretrain.export.native import TOKENIZER, WEIGHTS, check_state, load_config
 from pretrain.model import SharedTransformer
 from pretrain.objectives.distill import PROJECTION
 
@@ -29,7 +29,7 @@ class TrainedModel:
 
     state: dict[str, torch.Tensor]
     cfg: ModelConfig
-    tokenizer_dir: Path
+    tokenizer_dir: Path | None
     where: str
     run_state: dict | None = None
     """The run state of the training checkpoint it was read from (step, consumed samples,
@@ -53,7 +53,9 @@ def checkpoint_folder(path: str | Path) -> Path:
     )
 
 
-def _tokenizer_for(run_state: dict, override: str | Path | None, where: str) -> Path:
+def _tokenizer_for(
+    run_state: dict, override: str | Path | None, where: str, need: bool = True
+) -> Path | None:
     data = run_state["config"]["data"]
     candidates = [override] if override else [data["tokenizer"], Path(data["path"]) / "tokenizer"]
     for candidate in candidates:
@@ -65,6 +67,8 @@ def _tokenizer_for(run_state: dict, override: str | Path | None, where: str) -> 
                     " (checksum differs); pass the original with --tokenizer DIR"
                 )
             return found
+    if not need:
+        return None
     raise UserError(
         f"missing tokenizer for {where}: none at {', '.join(map(str, filter(None, candidates)))};"
         " pass the training tokenizer with --tokenizer DIR"
@@ -89,9 +93,13 @@ def model_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(
-    path: str | Path, tag: str | None = None, tokenizer: str | Path | None = None
+    path: str | Path,
+    tag: str | None = None,
+    tokenizer: str | Path | None = None,
+    need_tokenizer: bool = True,
 ) -> TrainedModel:
-    """Consolidated fp32 weights, model config and tokenizer of a training checkpoint."""
+    """Consolidated fp32 weights, model config and tokenizer of a training checkpoint
+    (tokenizer_dir None where it is not found and not `need_tokenizer`)."""
     from pretrain.engine.consolidate import fp32_state_dict
     from pretrain.engine.pipeline import pipeline_state_dict
 
@@ -103,7 +111,7 @@ def read_checkpoint(
     where = str(folder / tag)
     run_state = read_run_state(folder, tag)
     cfg = from_dict(ModelConfig, run_state["config"]["model"], "model")
-    tokenizer_dir = _tokenizer_for(run_state, tokenizer, where)
+    tokenizer_dir = _tokenizer_for(run_state, tokenizer, where, need_tokenizer)
     # A pipelined run saved each stage's layers in files of their own.
     state = pipeline_state_dict(folder / tag, cfg) or fp32_state_dict(folder, tag)
     state = model_weights(state)
@@ -116,13 +124,3 @@ def read_native(path: str | Path, tokenizer: str | Path | None = None) -> Traine
     path = Path(path)
     tokenizer_dir = Path(tokenizer) if tokenizer else path / TOKENIZER
     return TrainedModel(load_file(str(path / WEIGHTS)), load_config(path), tokenizer_dir, str(path))
-
-
-def read_trained(
-    path: str | Path, tag: str | None = None, tokenizer: str | Path | None = None
-) -> TrainedModel:
-    """A native export folder (`tag` does not apply), else a training checkpoint."""
-    path = Path(path)
-    if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
-        return read_native(path, tokenizer)
-    return read_checkpoint(path, tag, tokenizer)

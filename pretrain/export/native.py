@@ -52,14 +52,19 @@ def load_config(directory: str | Path) -> ModelConfig:
     return from_dict(ModelConfig, meta["model"], "model")
 
 
+def build_model(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> SharedTransformer:
+    """Our model of `cfg` holding `state` (checked to be exactly its tensors), in eval mode."""
+    model = SharedTransformer(cfg)
+    check_state(state, model, where)
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def load_model(directory: str | Path) -> SharedTransformer:
     """A native export as a model in eval mode: `model(input_ids, attention_mask=None,
     token_type_ids=None).logits` is (B, T, V)."""
-    model = SharedTransformer(load_config(directory))
     state = load_file(str(Path(directory) / WEIGHTS))
-    check_state(state, model, str(directory))
-    model.load_state_dict(state)
-    return model.eval()
+    return build_model(state, load_config(directory), str(directory))
 
 
 def verify(ours: SharedTransformer, directory: str | Path) -> float:

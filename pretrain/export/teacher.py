@@ -1,6 +1,6 @@
-"""The teacher of a distillation run (`distill.teacher`), read from any of the three things
-the stack reads: a Hugging Face model folder, a native export, or one of our runs (its
-newest valid checkpoint, consolidated to fp32).
+"""The teacher of a distillation run (`distill.teacher`), read by pretrain.export.open: a
+Hugging Face model folder, a native export, one of our runs (its newest valid checkpoint,
+consolidated to fp32) or one checkpoint's folder.
 
 `describe_teacher` reads only configs and the tokenizer checksum (what `python -m pretrain
 check` needs before any rank starts); `load_teacher` also reads the weights, into our own
@@ -21,15 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from pretrain.config import Config, ConfigError, ModelConfig, from_dict
+from pretrain.config import Config, ConfigError, ModelConfig
 from pretrain.data.tokenizer import MODEL_FILE, Tokenizer, file_checksum
-from pretrain.engine.manifest import read_run_state
 from pretrain.errors import UserError
 from pretrain.export import native
-from pretrain.export.checkpoint import checkpoint_folder, model_weights, newest_valid_tag
-from pretrain.export.hf import CONFIG_FILE, format_for_model_type, load_hf
+from pretrain.export.open import Found, read, refuse, what_is
 from pretrain.model import SharedTransformer
 
 HF_TOKENIZER = "tokenizer.json"
@@ -43,17 +40,29 @@ class TeacherError(ConfigError):
     collective = True
 
 
+TEACHERS = ("run", "checkpoint", "native", "hf")
+"""What distill.teacher may be (pretrain.export.open.KINDS)."""
+
+
 @dataclass
 class TeacherSource:
     """What `distill.teacher` points at, without its weights."""
 
-    kind: str  # "native", "hf" or "checkpoint"
-    path: Path
-    cfg: ModelConfig
+    found: Found
     tokenizer_checksum: str | None
-    where: str
     pieces: list[str] | None = None  # an HF tokenizer.json's vocabulary, in id order
-    tag: str | None = None  # the checkpoint's, for kind "checkpoint"
+
+    @property
+    def kind(self) -> str:
+        return self.found.kind
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.found.cfg
+
+    @property
+    def where(self) -> str:
+        return self.found.where
 
 
 def describe_teacher(path: str | Path) -> TeacherSource:
@@ -63,32 +72,20 @@ def describe_teacher(path: str | Path) -> TeacherSource:
             f"distill.teacher {path} does not exist; give a Hugging Face model folder, a native"
             " export or a run directory"
         )
-    config = path / CONFIG_FILE
-    meta = json.loads(config.read_text()) if config.is_file() else None
-    if isinstance(meta, dict) and meta.get("format") == native.FORMAT:
+    try:
+        found = what_is(path)
+        refuse(found, TEACHERS, "distill.teacher")
+    except UserError as err:
+        raise TeacherError(f"distill.teacher: {err}") from None
+    if found.kind == "native":
         tokenizer = path / native.TOKENIZER
-        found = (tokenizer / MODEL_FILE).is_file()
-        checksum = Tokenizer(tokenizer).info.checksum if found else None
-        return TeacherSource("native", path, native.load_config(path), checksum, str(path))
-    if isinstance(meta, dict) and "model_type" in meta:
-        fmt = format_for_model_type(meta["model_type"])
-        pair = {} if fmt.pair_head is None else {"sop_head": False}  # the teacher's is unused
-        cfg = fmt.adapter.config_from_hf(meta, **pair)
+        found_sp = (tokenizer / MODEL_FILE).is_file()
+        return TeacherSource(found, Tokenizer(tokenizer).info.checksum if found_sp else None)
+    if found.kind == "hf":
         spiece = path / MODEL_FILE
         checksum = file_checksum(spiece) if spiece.is_file() else None
-        return TeacherSource("hf", path, cfg, checksum, str(path), _hf_pieces(path))
-    try:
-        folder = checkpoint_folder(path)
-        tag = newest_valid_tag(folder)
-    except UserError as err:
-        raise TeacherError(
-            f"distill.teacher: {err} (a teacher is a Hugging Face model folder, a native export"
-            " or a run directory)"
-        ) from None
-    state = read_run_state(folder, tag)
-    cfg = from_dict(ModelConfig, state["config"]["model"], "model")
-    where = str(folder / tag)
-    return TeacherSource("checkpoint", folder, cfg, state["tokenizer_checksum"], where, tag=tag)
+        return TeacherSource(found, checksum, _hf_pieces(path))
+    return TeacherSource(found, found.run_state["tokenizer_checksum"])
 
 
 def _hf_pieces(path: Path) -> list[str] | None:
@@ -164,18 +161,10 @@ def load_teacher(
     `describe_teacher`, when the caller has it already."""
     source = source or describe_teacher(cfg.distill.teacher)
     check_teacher(source, cfg, student)
-    if source.kind == "native":
-        state = load_file(str(source.path / native.WEIGHTS))
-    elif source.kind == "hf":
-        state = load_hf(source.path)[0]
-        state = {k: v for k, v in state.items() if not k.startswith("sop_head.")}
-    else:
-        from pretrain.engine.consolidate import fp32_state_dict
-
-        state = model_weights(fp32_state_dict(source.path, source.tag))
-    with torch.random.fork_rng(devices=[]):
-        model = SharedTransformer(source.cfg)
-    native.check_state(state, model, source.where)
-    model.load_state_dict(state)
+    with torch.random.fork_rng(devices=[]):  # reading a checkpoint builds a model to check it
+        state = read(source.found, need_tokenizer=False).state  # its checksum is checked above
+        if source.kind == "hf":  # its config here has no pair head: a teacher's is unused
+            state = {k: v for k, v in state.items() if not k.startswith("sop_head.")}
+        model = native.build_model(state, source.cfg, source.where)
     model.requires_grad_(False)
     return model.to(device=device, dtype=dtype).eval()

@@ -85,7 +85,7 @@ def evaluate(
     model: nn.Module, batches: list[dict[str, torch.Tensor]], cfg: Config
 ) -> dict[str, float]:
     """Held-out loss and accuracy of the token objective over every target of `batches`."""
-    key = "clm" if cfg.model.causal else "mlm"
+    key = cfg.model.spec.objective
     held_out = HeldOut()
     for batch in batches:
         held_out.add(compute_loss(model(**model_inputs(batch)), batch, cfg)[1])

@@ -250,7 +250,7 @@ def measure(
         "family": loaded.model_cfg.family,
         "plan": SharingPlan.from_config(loaded.model_cfg).description,
         "seq_length": cfg.data.seq_length,
-        "objective": "clm" if cfg.model.causal else "mlm",
+        "objective": cfg.model.spec.objective,
         **compute(cfg),
         "nonzero_params": loaded.nonzero_params,
         "disk_bytes": loaded.disk_bytes,

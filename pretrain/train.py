@@ -29,11 +29,12 @@ import torch
 from pretrain import hardware
 from pretrain.config import Config, ConfigError, load_config, to_dict
 from pretrain.data.loader import PretrainDataset, make_loader
-from pretrain.engine import checkpoint, manifest, pipeline, resume, runtime, universal
+from pretrain.distillation import Distiller
+from pretrain.engine import manifest, pipeline, runtime
+from pretrain.engine.checkpointer import Checkpointer
 from pretrain.errors import UserError, print_error
 from pretrain.evaluate import HeldOut
 from pretrain.export import native
-from pretrain.export.teacher import TeacherSource, describe_teacher, load_teacher
 from pretrain.lock import FolderInUseError, RunLock
 from pretrain.metrics import (
     MetricsLogger,
@@ -44,7 +45,7 @@ from pretrain.metrics import (
 )
 from pretrain.model import SharedTransformer
 from pretrain.model.accounting import account
-from pretrain.objectives import compute_loss, distill, model_inputs
+from pretrain.objectives import compute_loss, model_inputs
 from pretrain.preflight import check_output_dir
 
 
@@ -91,12 +92,13 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.train_data = PretrainDataset(cfg, "train")
         self.eval_data = PretrainDataset(cfg, "valid") if cfg.train.eval_every else None
-        self.teacher = self._load_teacher() if cfg.distill.teacher else None
+        tokenizer = self.train_data.tokenizer
+        self.distiller = Distiller(cfg, tokenizer, self.world) if cfg.distill.teacher else None
         model = SharedTransformer(cfg.model)
         if cfg.train.init_from and not manifest.has_checkpoint(self.ckpt_dir):
             self._init_from(model, cfg.train.init_from)
-        if cfg.distill.hidden_weight > 0:
-            self._add_projection(model)
+        if self.distiller is not None:
+            self.distiller.add_projection(model)
         model.encoder.checkpoint_layers = cfg.engine.activation_checkpointing
         if cfg.train.compile:
             model.encoder.compile_blocks()
@@ -104,14 +106,13 @@ class Trainer:
         self.label_key = pipeline.label_key(model)
         module = pipeline.SharedPipeline(model, cfg) if self.pipelined else model
         self.engine = runtime.initialize(module, cfg, self.world)
-        self.step, self.consumed, self.last_saved = 0, 0, -1
-        self.skipped_in_row = 0
-        # Since the last sound checkpoint (or the start): steps skipped as non-finite, and
-        # whether a save found the weights themselves non-finite. Either ends the run in an
-        # error, whatever else ends it.
-        self.skipped_since_sound = 0
-        self.nonfinite_weights = False
-        self._resume()
+        self.step, self.consumed, self.skipped_in_row = 0, 0, 0
+        self.checkpoints = Checkpointer(self.ckpt_dir, cfg, self.world, self._print)
+        at = self.checkpoints.resume(self.engine, tokenizer.info.checksum)
+        if at is not None:
+            self.step, self.consumed = at.step, at.consumed
+            if self.step == cfg.train.max_steps:
+                self._print(f"already at train.max_steps ({self.step}): nothing left to train")
         self.first_step = self.step
         accounting = account(cfg)
         self.flops_per_token = accounting.flops_per_token
@@ -191,69 +192,19 @@ class Trainer:
         model.load_state_dict(native.load_model(directory).state_dict())
         self._print(f"initialised from {directory}")
 
-    def _load_teacher(self) -> SharedTransformer:
-        """distill.teacher on every rank, whole (never handed to DeepSpeed: not partitioned,
-        not saved), in the run's precision, without gradients."""
-        # Rank 0 finds the teacher (hashing a run's checkpoint files once, not once per
-        # rank) and tells the others, or gives them its error.
-        found: TeacherSource | UserError | None = None
-        if self.world.rank == 0:
-            try:
-                found = describe_teacher(self.cfg.distill.teacher)
-            except UserError as err:
-                found = err
-        found = runtime.broadcast_object(found)
-        if isinstance(found, UserError):
-            raise found
-        teacher = load_teacher(
-            self.cfg,
-            self.train_data.tokenizer,
-            self.world.device,
-            hardware.DTYPES[self.cfg.engine.precision],
-            found,
-        )
-        self._print(f"distilling from {self.cfg.distill.teacher}")
-        return teacher
-
-    def _add_projection(self, model: SharedTransformer) -> None:
-        """The student -> teacher width projection of hidden-state matching, as a child of
-        the student module so that the engine trains, partitions and checkpoints it with
-        the student (exports leave it out). Drawn from its own generator: the student's
-        initialisation and dropout see the same random numbers as without it."""
-        teacher = self.teacher.cfg
-        self.layer_map = distill.layer_map(
-            self.cfg.distill.layer_map, self.cfg.model.num_layers, teacher.num_layers
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.train.seed)
-            project = distill.projection(self.cfg.model.hidden_size, teacher.hidden_size)
-        if project is not None:
-            model.add_module(distill.PROJECTION, project)
-
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """The engine's forward and the loss of one batch on the device, with the
         teacher's logits at the same positions (and its hidden states) when distilling."""
-        inputs = model_inputs(batch)
-        hidden = self.cfg.distill.hidden_weight > 0
-        output = self.engine(**inputs, output_hidden_states=hidden)
-        teacher = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher = self.teacher(**inputs, output_hidden_states=hidden)
-        loss, metrics = compute_loss(
-            output, batch, self.cfg, None if teacher is None else teacher.logits
-        )
-        if hidden:
-            project = getattr(self.engine.module, distill.PROJECTION, None)
-            term, m = distill.hidden_loss(
-                output.hidden_states,
-                teacher.hidden_states,
-                self.layer_map,
-                project,
-                batch.get("attention_mask"),
-            )
-            loss = loss + self.cfg.distill.hidden_weight * term
-            metrics |= m
+        inputs, distiller = model_inputs(batch), self.distiller
+        if distiller is None:
+            return compute_loss(self.engine(**inputs), batch, self.cfg)
+        output = self.engine(**inputs, output_hidden_states=distiller.matches_hidden)
+        teacher = distiller.teach(inputs)
+        loss, metrics = compute_loss(output, batch, self.cfg, teacher.logits)
+        if distiller.matches_hidden:
+            term, more = distiller.hidden_term(output, teacher, self.engine.module, batch)
+            loss = loss + term
+            metrics |= more
             metrics["loss"] = loss.detach()
         return loss, metrics
 
@@ -271,81 +222,9 @@ class Trainer:
             "world_size": self.world.size,
         }
 
-    def _resume(self) -> None:
-        # Rank 0 verifies (hashing every file once, not once per rank) and tells the others.
-        newest = manifest.newest_valid(self.ckpt_dir) if self.world.rank == 0 else None
-        tag, skipped = runtime.broadcast_object(newest)
-        for bad, problem in skipped:
-            self._print(f"warning: skipping checkpoint {self.ckpt_dir / bad}: {problem}")
-        if tag is None:
-            return
-        where = str(self.ckpt_dir / tag)
-        state = manifest.read_run_state(self.ckpt_dir, tag)
-        schedule = resume.check_resumable(
-            state, self.cfg, self.train_data.tokenizer.info.checksum, self.world.size, where
-        )
-        for key, before, now in resume.loss_changes(state, self.cfg):
-            self._print(f"resuming with a changed loss: {key} {before!r} -> {now!r}")
-        from_universal = self._reshard(state, tag, where)
-        saved_ranks = state["world_size"]
-        checkpoint.load(
-            self.engine, self.ckpt_dir, tag, self.world.rank, saved_ranks, from_universal
-        )
-        self.step, self.consumed = state["step"], state["consumed_samples"]
-        self.last_saved = self.step
-        self._print(f"resumed from {where} at step {self.step} ({self.consumed} samples)")
-        if schedule:
-            lr = runtime.replan_schedule(self.engine, self.step, self.cfg.optim.lr)
-            keys = ", ".join(key for key, _, _ in schedule)
-            self._print(f"LR schedule re-planned ({keys} changed): lr {lr:.3g} at step {self.step}")
-        if self.step == self.cfg.train.max_steps:
-            self._print(f"already at train.max_steps ({self.step}): nothing left to train")
-
-    def _reshard(self, state: dict, tag: str, where: str) -> bool:
-        """Whether checkpoint `tag` loads from its universal form: saved on another layout,
-        it is converted by rank 0 (once: later resumes reuse the conversion)."""
-        before = resume.saved_layout(state)
-        now = resume.layout(self.cfg, self.world.size)
-        if not resume.needs_resharding(before, now):
-            return False
-        form = self.ckpt_dir / tag / manifest.UNIVERSAL
-        self._print(f"resharding checkpoint from {before} to {now} through {form}")
-        universal.prepare_universal(self.ckpt_dir, tag, self.world.rank, where)
-        return True
-
     def save(self) -> None:
-        if self.last_saved == self.step:
-            return
-        if self.skipped_in_row:  # the weights may have diverged: keep the last sound state
-            self._print(f"step {self.step}: not saving while steps are skipped as non-finite")
-            return
-        # The update of a step whose loss was finite can still leave the weights inf or NaN.
-        if not runtime.weights_finite(self.engine.module, self.world.device):
-            self.nonfinite_weights = True
-            self._print(
-                f"step {self.step}: the weights are not finite: not saving"
-                f" (the last sound checkpoint: {self._last_sound()})"
-            )
-            return
-        tag = checkpoint.save(
-            self.engine,
-            self.ckpt_dir,
-            self.step,
-            self._client_state(),
-            self.cfg.checkpoint.keep_last,
-            self.world.rank,
-        )
-        self.last_saved = self.step
-        self.skipped_since_sound, self.nonfinite_weights = 0, False
-        self._print(f"saved checkpoint {self.ckpt_dir / tag}")
-
-    def _last_sound(self) -> str:
-        """The checkpoint this run last saved or resumed from ("none" before either)."""
-        return (
-            str(self.ckpt_dir / manifest.tag_for(self.last_saved))
-            if self.last_saved >= 0
-            else "none"
-        )
+        skipping = self.skipped_in_row > 0
+        self.checkpoints.save(self.engine, self.step, self._client_state(), skipping)
 
     def _print(self, message: str) -> None:
         if self.world.rank == 0:
@@ -510,32 +389,20 @@ class Trainer:
     def _check_sound(self) -> None:
         """A run whose end state is not sound ends in an error, however it ended (max_steps,
         a signal): its last checkpoint is older than its last step."""
-        if not (self.skipped_since_sound or self.nonfinite_weights):
-            return
-        what = (
-            f"{self.skipped_since_sound} of its steps after the last sound checkpoint were"
-            " skipped as non-finite"
-        )
-        if self.nonfinite_weights:
-            what = "its weights became non-finite" + (
-                f" and {what}" if self.skipped_since_sound else ""
-            )
-        last = self._last_sound()
-        then = f"resume from {last}" if self.last_saved >= 0 else "start again"
-        raise NonFiniteLossError(
-            f"the run diverged: {what}; the last sound checkpoint is {last}; lower optim.lr"
-            f" and {then}"
-        )
+        problem = self.checkpoints.unsound()
+        if problem is not None:
+            raise NonFiniteLossError(problem)
 
     def _count_skipped(self, step: StepMetrics) -> None:
         """Steps in a row with every micro-batch skipped; too many is a diverged run."""
         self.skipped_in_row = 0 if step.done else self.skipped_in_row + 1
-        self.skipped_since_sound += 0 if step.done else 1
+        if not step.done:
+            self.checkpoints.count_skipped()
         if self.skipped_in_row >= self.cfg.train.max_skipped_steps:
             raise NonFiniteLossError(
                 f"the last {self.skipped_in_row} steps (to step {self.step}) all had non-finite"
                 f" losses: the run diverged; stopped without saving (last checkpoint:"
-                f" {self._last_sound()});"
+                f" {self.checkpoints.last_sound()});"
                 " lower optim.lr, or raise train.max_skipped_steps"
             )
 

@@ -57,9 +57,18 @@ def imported_names(path: Path) -> list[str]:
 
 RULES = {
     # package(s) imported -> packages that must not come with them
-    "model": (("pretrain.model",), ("pretrain.engine", "pretrain.export", "pretrain.train")),
-    "data": (("pretrain.data",), ("pretrain.engine", "pretrain.export", "pretrain.train")),
-    "engine": (("pretrain.engine",), ("pretrain.data", "pretrain.export", "pretrain.train")),
+    "model": (
+        ("pretrain.model",),
+        ("pretrain.engine", "pretrain.export", "pretrain.train", "pretrain.distillation"),
+    ),
+    "data": (
+        ("pretrain.data",),
+        ("pretrain.engine", "pretrain.export", "pretrain.train", "pretrain.distillation"),
+    ),
+    "engine": (
+        ("pretrain.engine",),
+        ("pretrain.data", "pretrain.export", "pretrain.train", "pretrain.distillation"),
+    ),
     "library": (
         (
             "pretrain.model",
@@ -68,6 +77,7 @@ RULES = {
             "pretrain.export",
             "pretrain.engine",
             "pretrain.evaluate",
+            "pretrain.distillation",
             "pretrain.train",
         ),
         COMMAND_LINES,

@@ -37,7 +37,7 @@ class SharedTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        family = cfg.spec.block_family()
+        self.family = family = cfg.spec.block_family()  # resolved once, not per forward
         self.embeddings = FactorizedEmbedding(cfg, family)
         self.encoder = SharedEncoder(cfg, family)
         self.final_norm = family.norm(cfg.hidden_size, cfg.norm_eps) if family.final_norm else None
@@ -122,7 +122,7 @@ class SharedTransformer(nn.Module):
     ) -> LayerContext:
         T, device = input_ids_BT.shape[1], input_ids_BT.device
         rope = None
-        if not self.cfg.spec.block_family().learned_positions:
+        if not self.family.learned_positions:
             rope = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, device, dtype)
         if attention_mask_BT is None:
             return LayerContext(mask=None, is_causal=self.cfg.causal, rope=rope)

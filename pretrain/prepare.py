@@ -24,6 +24,10 @@ from pretrain.data.preprocess import DEFAULT_SHARD_TOKENS, preprocess
 from pretrain.data.sources import DataError, ReadReport, iter_documents
 from pretrain.data.tokenizer import info_file, train_tokenizer
 
+INPUT_HELP = (
+    "files (text and JSON lines also .gz/.bz2/.xz/.zst), folders, glob patterns or datasets"
+)
+
 
 def corpus_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
@@ -43,7 +47,7 @@ def tokenizer_main(argv: list[str]) -> int:
         prog="pretrain tokenizer",
         description="train a SentencePiece tokenizer with the special symbols pretraining needs",
     )
-    parser.add_argument("--input", nargs="+", required=True, help="files, folders or datasets")
+    parser.add_argument("--input", nargs="+", required=True, help=INPUT_HELP)
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--output", required=True, help="folder to write the tokenizer into")
     parser.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
@@ -82,7 +86,7 @@ def preprocess_main(argv: list[str]) -> int:
         prog="pretrain preprocess",
         description="tokenize raw text into memory-mapped token shards for pretraining",
     )
-    parser.add_argument("--input", nargs="+", required=True, help="files, folders or datasets")
+    parser.add_argument("--input", nargs="+", required=True, help=INPUT_HELP)
     parser.add_argument("--tokenizer", required=True, help="folder from pretrain tokenizer")
     parser.add_argument("--output", required=True, help="new folder for the shards")
     parser.add_argument("--num-proc", type=int, default=1, help="tokenizer processes")

@@ -1,5 +1,9 @@
 """Reading raw corpora: plain text, JSON lines, CSV, Parquet and `save_to_disk` datasets.
 
+Text and JSON-lines files may be compressed (.gz, .bz2, .xz, .zst: `corpus.jsonl.zst`) and
+are then decompressed as they are read (JSON lines row by row, in bounded memory). An input
+may be a glob pattern (`shards/*.jsonl.gz`, `data/**/*.txt`), expanded in sorted order.
+
 Every input yields documents (one string each). A plain-text file is one document; a JSON
 line, CSV or Parquet row, or dataset row is one document. Rows that cannot be used are
 skipped and counted by reason in a `ReadReport`, never dropped silently; a problem that
@@ -8,13 +12,20 @@ makes the whole input unusable is a `DataError` naming the file and the fix.
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import glob
+import gzip
+import io
 import json
+import lzma
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from pretrain.errors import UserError
 
@@ -22,6 +33,107 @@ TEXT_SUFFIXES = (".txt", ".text")
 JSON_SUFFIXES = (".jsonl", ".json")
 TABLE_SUFFIXES = (".csv", ".parquet")
 SUPPORTED = TEXT_SUFFIXES + JSON_SUFFIXES + TABLE_SUFFIXES
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame. zstandard's own stream
+    reader ends quietly where a file is cut off inside a frame; this one raises."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, path: Path) -> None:
+        import zstandard  # only where a .zst file is read
+
+        self._zstd, self._file = zstandard, path.open("rb")
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._out, self._at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _refill(self) -> bool:
+        """Decompress the next chunk into the buffer; False at the end of the file."""
+        while self._at == len(self._out):
+            chunk = self._file.read(self.CHUNK)
+            if not chunk:
+                if not self._frame.eof:
+                    raise self._zstd.ZstdError("the file ends inside a frame (cut off?)")
+                return False
+            out = []
+            while chunk:
+                if self._frame.eof:  # the next frame of a multi-frame file
+                    self._frame = self._zstd.ZstdDecompressor().decompressobj()
+                out.append(self._frame.decompress(chunk))
+                chunk = self._frame.unused_data if self._frame.eof else b""
+            self._out, self._at = b"".join(out), 0
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self._refill():
+            return 0
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = self._out[self._at : self._at + n]
+        self._at += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _open_zstd(path: Path) -> IO[bytes]:
+    return io.BufferedReader(_ZstdReader(path))
+
+
+COMPRESSIONS: dict[str, Callable[[Path], IO[bytes]]] = {
+    ".gz": gzip.open,
+    ".bz2": bz2.open,
+    ".xz": lzma.open,
+    ".zst": _open_zstd,
+}
+"""Compressions a text or JSON-lines file may have, by suffix (after its own)."""
+GLOB_CHARS = "*?["
+
+
+def file_type(path: Path) -> tuple[str, str | None]:
+    """(type suffix, compression suffix or None): `a.jsonl.gz` is (".jsonl", ".gz")."""
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSIONS:
+        return Path(path.stem).suffix.lower(), suffix
+    return suffix, None
+
+
+def readable(path: Path) -> bool:
+    """Whether the file at `path` is of a type read here (a table only uncompressed)."""
+    kind, compression = file_type(path)
+    return kind in (TEXT_SUFFIXES + JSON_SUFFIXES if compression else SUPPORTED)
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError)
+    try:
+        import zstandard
+    except ImportError:
+        return errors
+    return (*errors, zstandard.ZstdError)
+
+
+@contextmanager
+def open_input(path: Path) -> Iterator[IO[bytes]]:
+    """The bytes of an input file, decompressed; a compressed file that does not decompress
+    is one DataError naming it (whenever the damage is met while reading)."""
+    compression = file_type(path)[1]
+    if compression is None:
+        with path.open("rb") as f:
+            yield f
+        return
+    try:
+        with COMPRESSIONS[compression](path) as f:
+            yield f
+    except _decompression_errors() as err:
+        raise DataError(
+            f"cannot decompress {path} as {compression}: {err}; fix or remove it"
+        ) from None
 
 
 class DataError(UserError):
@@ -72,32 +184,62 @@ def _is_saved_dataset(path: Path) -> bool:
     )
 
 
+SUPPORTED_TEXT = (
+    f"{', '.join(SUPPORTED)} files (text and JSON lines also as"
+    f" {', '.join(COMPRESSIONS)}) or a save_to_disk folder"
+)
+
+
+def _expand_folder(path: Path, out: list[Path], report: ReadReport) -> None:
+    for child in sorted(p for p in path.rglob("*") if p.is_file()):
+        if readable(child):
+            out.append(child)
+        elif not child.name.startswith("."):
+            report.ignored_files.append(str(child))
+
+
+def _matches(pattern: str) -> list[Path]:
+    matches = sorted(glob.glob(pattern, recursive=True))
+    if not matches:
+        raise DataError(f"input pattern {pattern!r} matches no files")
+    return [Path(m) for m in matches]
+
+
 def expand_inputs(paths: Iterable[str | Path], report: ReadReport) -> list[Path]:
-    """Files and `save_to_disk` folders to read, folders expanded in sorted order."""
+    """Files and `save_to_disk` folders to read, patterns and folders expanded in sorted
+    order. A file named outright must be of a type read here; one a pattern or folder
+    finds that is not is left out and counted."""
     out: list[Path] = []
     for raw in paths:
         path = Path(raw)
+        if not path.exists() and any(c in str(raw) for c in GLOB_CHARS):
+            for match in _matches(str(raw)):
+                if match.is_dir() and _is_saved_dataset(match):
+                    out.append(match)
+                elif match.is_dir():
+                    _expand_folder(match, out, report)
+                elif readable(match):
+                    out.append(match)
+                else:
+                    report.ignored_files.append(str(match))
+            continue
         if not path.exists():
             raise DataError(f"input {str(path)!r} does not exist")
         if path.is_file():
-            if path.suffix.lower() not in SUPPORTED:
+            if not readable(path):
+                kind = "".join(s for s in file_type(path) if s) or "(none)"
                 raise DataError(
-                    f"input {str(path)!r} has unsupported type {path.suffix!r};"
-                    f" supported: {', '.join(SUPPORTED)} files or a save_to_disk folder"
+                    f"input {str(path)!r} has unsupported type {kind!r}; supported:"
+                    f" {SUPPORTED_TEXT}"
                 )
             out.append(path)
         elif _is_saved_dataset(path):
             out.append(path)
         else:
-            for child in sorted(p for p in path.rglob("*") if p.is_file()):
-                if child.suffix.lower() in SUPPORTED:
-                    out.append(child)
-                elif not child.name.startswith("."):
-                    report.ignored_files.append(str(child))
+            _expand_folder(path, out, report)
     if not out:
         raise DataError(
-            f"no input files found in {', '.join(map(str, paths))};"
-            f" expected {', '.join(SUPPORTED)} files or a save_to_disk folder"
+            f"no input files found in {', '.join(map(str, paths))}; expected {SUPPORTED_TEXT}"
         )
     return out
 
@@ -181,26 +323,28 @@ def _check_text(value: object, where: str, report: ReadReport) -> str | None:
 
 
 def _read_text_file(path: Path, report: ReadReport) -> Iterator[str]:
-    text = _check_text(_decode(path.read_bytes(), report), str(path), report)
+    with open_input(path) as f:
+        data = f.read()
+    text = _check_text(_decode(data, report), str(path), report)
     if text is not None:
         yield text
 
 
 def _json_rows(path: Path, report: ReadReport) -> Iterator[tuple[str, object]]:
     """(location, parsed row) of a JSON-lines file, or of a file holding one JSON array."""
-    with path.open("rb") as f:
-        is_array = f.read(1) == b"["
-        f.seek(0)
+    with open_input(path) as f:  # read once: a decompressing stream cannot seek back
+        first = f.read(1)
+        is_array = first == b"["
         if is_array:
             try:
-                rows = json.loads(_decode(f.read(), report))
+                rows = json.loads(_decode(first + f.read(), report))
             except json.JSONDecodeError as err:
                 raise DataError(
                     f"{path} is not valid JSON (line {err.lineno}): fix or remove it"
                 ) from None
             yield from ((f"{path}:item {i}", row) for i, row in enumerate(rows))
             return
-        for number, raw in enumerate(f, start=1):
+        for number, raw in enumerate(_lines(first, f), start=1):
             line = _decode(raw, report)
             if not line.strip():
                 continue
@@ -208,6 +352,14 @@ def _json_rows(path: Path, report: ReadReport) -> Iterator[tuple[str, object]]:
                 yield f"{path}:{number}", json.loads(line)
             except json.JSONDecodeError:
                 report.skip("malformed_json", f"{path}:{number}")
+
+
+def _lines(first: bytes, f: IO[bytes]) -> Iterator[bytes]:
+    """The lines of `f`, whose first byte `first` was read already."""
+    if not first:
+        return
+    yield first if first == b"\n" else first + f.readline()
+    yield from iter(f.readline, b"")
 
 
 def _read_json(path: Path, text_field: str, report: ReadReport) -> Iterator[str]:
@@ -273,7 +425,7 @@ def iter_documents(
     """Documents of every input in order; `report` counts what was skipped."""
     for path in expand_inputs(paths, report):
         report.files += 1
-        suffix = path.suffix.lower()
+        suffix = file_type(path)[0]
         if path.is_file() and suffix in TEXT_SUFFIXES:
             docs = _read_text_file(path, report)
         elif path.is_file() and suffix in JSON_SUFFIXES:

@@ -25,8 +25,10 @@ from pretrain.data.sources import DataError, ReadReport, iter_documents
 from pretrain.data.tokenizer import info_file, train_tokenizer
 
 INPUT_HELP = (
-    "files (text and JSON lines also .gz/.bz2/.xz/.zst), folders, glob patterns or datasets"
+    "files (text and JSON lines also .gz/.bz2/.xz/.zst), folders, glob patterns, save_to_disk"
+    " datasets, or hf:NAME[:CONFIG][@SPLIT] from the local Hugging Face datasets cache"
 )
+STREAMING_HELP = "stream hf: datasets from the cache's files instead of opening them as tables"
 
 
 def corpus_main(argv: list[str]) -> int:
@@ -59,6 +61,7 @@ def tokenizer_main(argv: list[str]) -> int:
         help="train on a random sample of this many sentences (0: all)",
     )
     parser.add_argument("--text-field", default="text", help="field/column holding the text")
+    parser.add_argument("--streaming", action="store_true", help=STREAMING_HELP)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
     output = Path(args.output)
@@ -68,7 +71,7 @@ def tokenizer_main(argv: list[str]) -> int:
         )
     report = ReadReport()
     info = train_tokenizer(
-        iter_documents(args.input, args.text_field, report),
+        iter_documents(args.input, args.text_field, report, args.streaming),
         output,
         vocab_size=args.vocab_size,
         model_type=args.model_type,
@@ -91,6 +94,7 @@ def preprocess_main(argv: list[str]) -> int:
     parser.add_argument("--output", required=True, help="new folder for the shards")
     parser.add_argument("--num-proc", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--text-field", default="text", help="field/column holding the text")
+    parser.add_argument("--streaming", action="store_true", help=STREAMING_HELP)
     parser.add_argument(
         "--held-out",
         type=float,
@@ -106,6 +110,7 @@ def preprocess_main(argv: list[str]) -> int:
         args.tokenizer,
         args.output,
         text_field=args.text_field,
+        streaming=args.streaming,
         num_proc=args.num_proc,
         held_out=args.held_out,
         seed=args.seed,

@@ -8,6 +8,7 @@ import bz2
 import gzip
 import json
 import lzma
+import shutil
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,56 @@ def test_files_of_several_frames_are_read_to_the_end(tmp_path, compression, monk
     path.write_bytes(b"".join(COMPRESS[compression](h) for h in halves))
     (tmp_path / "rows.jsonl").write_bytes(jsonl())
     assert documents(path)[0] == documents(tmp_path / "rows.jsonl")[0]
+
+
+# -- a dataset in the local Hugging Face datasets cache ---------------------------------
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """A datasets cache holding `someone/tiny_corpus` (train and valid) as load_dataset
+    leaves a downloaded Hub dataset: its Arrow files under NAMESPACE___NAME/CONFIG/..."""
+    import datasets
+
+    rows = {"train": ["one", "two", "three"], "valid": ["held out"]}
+    files = {}
+    for split, texts in rows.items():
+        files[split] = tmp_path / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    build = tmp_path / "build"
+    datasets.load_dataset("json", data_files={k: str(v) for k, v in files.items()}, cache_dir=build)
+    (prepared,) = [p for p in build.glob("json/*/*/*") if p.is_dir()]
+    cache = tmp_path / "hub"
+    home = cache / "someone___tiny_corpus" / "default" / "0.0.0" / "abc123"
+    shutil.copytree(prepared, home)
+    for arrow in home.glob("json-*.arrow"):
+        arrow.rename(home / arrow.name.replace("json-", "tiny_corpus-"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    return cache
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_cached_hub_dataset_reads_by_name_and_split(hub_cache, streaming, monkeypatch):
+    monkeypatch.setattr(sources, "ROWS_PER_READ", 2)  # rows read in several batches
+    report = ReadReport()
+    docs = list(iter_documents(["hf:someone/tiny_corpus"], "text", report, streaming))
+    assert docs == ["one", "two", "three"] and report.documents == 3
+    docs = list(iter_documents(["hf:someone/tiny_corpus:default@valid"], "text", report, streaming))
+    assert docs == ["held out"]
+
+
+@pytest.mark.unit
+def test_a_hub_dataset_not_in_the_cache_is_one_error_saying_how_to_get_it(hub_cache):
+    with pytest.raises(DataError, match=r"hf:someone/other@train: not readable from the local"):
+        documents("hf:someone/other")
+    with pytest.raises(
+        DataError, match=r"download it first .*load_dataset\('someone/tiny_corpus', 'nope'\)"
+    ):
+        documents("hf:someone/tiny_corpus:nope")
+    with pytest.raises(DataError, match="Unknown split"):
+        documents("hf:someone/tiny_corpus@test")
+    with pytest.raises(DataError, match=r"--text-field 'body' not found in hf:someone/tiny_corpus"):
+        list(iter_documents(["hf:someone/tiny_corpus"], "body", ReadReport()))
+    with pytest.raises(DataError, match=r"expected hf:NAME\[:CONFIG\]\[@SPLIT\]"):
+        documents("hf:someone/tiny_corpus@")

@@ -161,8 +161,10 @@ def preprocess(
     held_out: float = 0.0,
     seed: int = 1234,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    streaming: bool = False,
 ) -> dict:
-    """Tokenize `inputs` into shards in `output`; returns the metadata written."""
+    """Tokenize `inputs` into shards in `output`; returns the metadata written.
+    `streaming`: stream `hf:` datasets (pretrain.data.sources.iter_documents)."""
     import datasets
 
     output = Path(output)
@@ -174,7 +176,9 @@ def preprocess(
     try:
         report = ReadReport()
         docs_path = work / "documents.arrow"
-        n_docs = _write_documents_arrow(iter_documents(inputs, text_field, report), docs_path)
+        n_docs = _write_documents_arrow(
+            iter_documents(inputs, text_field, report, streaming), docs_path
+        )
         if n_docs == 0:
             raise DataError(f"no text found in the inputs: {report.summary()}")
         tokenized = datasets.Dataset.from_file(str(docs_path)).map(

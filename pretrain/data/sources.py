@@ -2,7 +2,9 @@
 
 Text and JSON-lines files may be compressed (.gz, .bz2, .xz, .zst: `corpus.jsonl.zst`) and
 are then decompressed as they are read (JSON lines row by row, in bounded memory). An input
-may be a glob pattern (`shards/*.jsonl.gz`, `data/**/*.txt`), expanded in sorted order.
+may be a glob pattern (`shards/*.jsonl.gz`, `data/**/*.txt`), expanded in sorted order, or
+a Hugging Face dataset in the local datasets cache, `hf:NAME[:CONFIG][@SPLIT]` (split
+`train` unless named), read in batches (or streamed, `streaming=True`) in bounded memory.
 
 Every input yields documents (one string each). A plain-text file is one document; a JSON
 line, CSV or Parquet row, or dataset row is one document. Rows that cannot be used are
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from pretrain.errors import UserError
 
@@ -93,6 +95,34 @@ COMPRESSIONS: dict[str, Callable[[Path], IO[bytes]]] = {
 }
 """Compressions a text or JSON-lines file may have, by suffix (after its own)."""
 GLOB_CHARS = "*?["
+HUB = "hf:"
+"""The prefix of an input naming a dataset in the local Hugging Face datasets cache."""
+ROWS_PER_READ = 1024
+"""Rows a table or dataset is read in at a time: memory stays bounded by a batch."""
+
+
+@dataclass(frozen=True)
+class HubInput:
+    """`hf:NAME[:CONFIG][@SPLIT]`: a dataset the Hugging Face datasets cache holds."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+
+    @classmethod
+    def parse(cls, raw: str) -> HubInput:
+        rest, _, split = raw.removeprefix(HUB).partition("@")
+        name, _, config = rest.partition(":")
+        if not name or (_ and not config) or ("@" in raw and not split):
+            raise DataError(f"input {raw!r}: expected {HUB}NAME[:CONFIG][@SPLIT]")
+        return cls(name, config or None, split or "train")
+
+    def __str__(self) -> str:
+        config = f":{self.config}" if self.config else ""
+        return f"{HUB}{self.name}{config}@{self.split}"
+
+
+Input = Path | HubInput
 
 
 def file_type(path: Path) -> tuple[str, str | None]:
@@ -205,13 +235,16 @@ def _matches(pattern: str) -> list[Path]:
     return [Path(m) for m in matches]
 
 
-def expand_inputs(paths: Iterable[str | Path], report: ReadReport) -> list[Path]:
+def expand_inputs(paths: Iterable[str | Path], report: ReadReport) -> list[Input]:
     """Files and `save_to_disk` folders to read, patterns and folders expanded in sorted
     order. A file named outright must be of a type read here; one a pattern or folder
     finds that is not is left out and counted."""
-    out: list[Path] = []
+    out: list[Input] = []
     for raw in paths:
         path = Path(raw)
+        if not path.exists() and str(raw).startswith(HUB):
+            out.append(HubInput.parse(str(raw)))
+            continue
         if not path.exists() and any(c in str(raw) for c in GLOB_CHARS):
             for match in _matches(str(raw)):
                 if match.is_dir() and _is_saved_dataset(match):
@@ -381,7 +414,7 @@ def _read_json(path: Path, text_field: str, report: ReadReport) -> Iterator[str]
         raise _missing_field(path, text_field, fields_seen)
 
 
-def _missing_field(path: Path, text_field: str, fields: Iterable[str]) -> DataError:
+def _missing_field(path: Path | str, text_field: str, fields: Iterable[str]) -> DataError:
     return DataError(
         f"--text-field {text_field!r} not found in {path} (fields: {', '.join(sorted(fields))});"
         " pass --text-field NAME"
@@ -411,22 +444,74 @@ def _read_dataset(path: Path, text_field: str, report: ReadReport) -> Iterator[s
         raise DataError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
     finally:
         datasets.enable_progress_bars()
-    if text_field not in ds.column_names:
-        raise _missing_field(path, text_field, ds.column_names)
-    for i, value in enumerate(ds[text_field]):
-        text = _check_text(value, f"{path}:row {i}", report)
-        if text is not None:
-            yield text
+    yield from _rows(ds, str(path), text_field, report)
+
+
+def _rows(ds: Any, where: str, text_field: str, report: ReadReport) -> Iterator[str]:
+    """The texts of a (possibly streamed) dataset, a batch of rows at a time."""
+    if ds.column_names is not None and text_field not in ds.column_names:
+        raise _missing_field(where, text_field, ds.column_names)
+    i = 0
+    for batch in ds.select_columns([text_field]).iter(batch_size=ROWS_PER_READ):
+        for value in batch[text_field]:
+            text = _check_text(value, f"{where}:row {i}", report)
+            i += 1
+            if text is not None:
+                yield text
+
+
+@contextmanager
+def _offline() -> Iterator[None]:
+    """The datasets cache alone: nothing is downloaded while reading an `hf:` input."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    before = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = before
+
+
+def _read_hub(
+    source: HubInput, text_field: str, streaming: bool, report: ReadReport
+) -> Iterator[str]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        with _offline():
+            ds = datasets.load_dataset(
+                source.name, source.config, split=source.split, streaming=streaming
+            )
+    except (ValueError, ConnectionError, FileNotFoundError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"input {source}: not readable from the local datasets cache"
+            f" ({datasets.config.HF_DATASETS_CACHE}): {first}; download it first where the"
+            f" network is reachable: datasets.load_dataset({source.name!r}"
+            f"{', ' + repr(source.config) if source.config else ''})"
+        ) from None
+    finally:
+        datasets.enable_progress_bars()
+    yield from _rows(ds, str(source), text_field, report)
 
 
 def iter_documents(
-    paths: Iterable[str | Path], text_field: str, report: ReadReport
+    paths: Iterable[str | Path],
+    text_field: str,
+    report: ReadReport,
+    streaming: bool = False,
 ) -> Iterator[str]:
-    """Documents of every input in order; `report` counts what was skipped."""
+    """Documents of every input in order; `report` counts what was skipped. `streaming`:
+    `hf:` datasets are streamed from the cache's files rather than opened as tables."""
     for path in expand_inputs(paths, report):
         report.files += 1
-        suffix = file_type(path)[0]
-        if path.is_file() and suffix in TEXT_SUFFIXES:
+        suffix = None if isinstance(path, HubInput) else file_type(path)[0]
+        if isinstance(path, HubInput):
+            docs = _read_hub(path, text_field, streaming, report)
+        elif path.is_file() and suffix in TEXT_SUFFIXES:
             docs = _read_text_file(path, report)
         elif path.is_file() and suffix in JSON_SUFFIXES:
             docs = _read_json(path, text_field, report)

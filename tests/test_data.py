@@ -10,6 +10,7 @@ import pytest
 from helpers import REPO
 
 from pretrain.data.preprocess import METADATA, preprocess
+from pretrain.data.samples import SOPSamples
 from pretrain.data.shards import TokenShards
 from pretrain.data.sources import DataError, ReadReport, iter_documents
 from pretrain.data.tokenizer import (
@@ -331,6 +332,7 @@ def test_output_holding_different_data_is_left_alone(
 ):
     out = tmp_path / "data"
     shutil.copytree(shards_dir, out)
+    SOPSamples(TokenShards(out), 48, 0.1, 0)  # trained on: its sample index/ is there too
     before = files_of(out)
     line = one_error_line(run_preprocess(cli, [corpus_dir / "doc00.txt"], tokenizer_dir, out))
     assert "already holds different preprocessed data" in line

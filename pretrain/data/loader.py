@@ -33,21 +33,51 @@ def sample_rng(seed: int, position: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, position, 1]))
 
 
+_M64 = (1 << 64) - 1
+
+
+def _mix(x: int, key: int) -> int:
+    """A 64-bit hash of `x` under `key` (splitmix64's finaliser)."""
+    z = (x + key * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
 class EpochOrder:
-    """Global position -> sample index: a seeded permutation per epoch."""
+    """Global position -> sample index: a seeded permutation per epoch, computed per
+    position rather than held (O(1) memory at any corpus size). Each epoch's permutation is
+    a Feistel network over [0, 4^h), 4^h >= the number of samples, walked until it lands
+    inside [0, N) (a bijection of [0, N): at most a few steps, since 4^h < 4N)."""
+
+    ROUNDS = 6
 
     def __init__(self, num_samples: int, seed: int) -> None:
         if num_samples == 0:
             raise DataError("the data yields no samples; use more text or a shorter seq_length")
         self.num_samples, self.seed = num_samples, seed
-        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+        self.half = max(1, ((num_samples - 1).bit_length() + 1) // 2)
+        self._epoch, self._keys = -1, ()
+
+    def _round_keys(self, epoch: int) -> tuple[int, ...]:
+        if epoch != self._epoch:
+            state = np.random.SeedSequence([self.seed, epoch, 2]).generate_state(
+                self.ROUNDS, np.uint64
+            )
+            self._epoch, self._keys = epoch, tuple(int(k) for k in state)
+        return self._keys
 
     def __call__(self, position: int) -> int:
-        epoch, k = divmod(position, self.num_samples)
-        if epoch != self._epoch:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 2]))
-            self._epoch, self._perm = epoch, rng.permutation(self.num_samples)
-        return int(self._perm[k])
+        epoch, x = divmod(position, self.num_samples)
+        keys, half = self._round_keys(epoch), self.half
+        mask = (1 << half) - 1
+        while True:
+            left, right = x >> half, x & mask
+            for key in keys:
+                left, right = right, left ^ (_mix(right, key) & mask)
+            x = (left << half) | right
+            if x < self.num_samples:
+                return x
 
 
 class PretrainDataset(Dataset):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pretrain.data.index import INDEX_DIR
 from pretrain.data.sources import DataError, ReadReport, iter_documents
 from pretrain.data.tokenizer import MODEL_FILE, Tokenizer, split_sentences
 
@@ -136,8 +137,12 @@ def _write_documents_arrow(docs, path: Path) -> int:
 
 
 def _same_folder(a: Path, b: Path) -> bool:
+    """Whether two data folders hold the same files, sample indexes left out (they are built
+    from the shards by training: pretrain.data.index)."""
+
     def files(root: Path) -> list[Path]:
-        return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+        found = (p.relative_to(root) for p in root.rglob("*") if p.is_file())
+        return sorted(p for p in found if p.parts[0] != INDEX_DIR)
 
     names = files(a)
     return names == files(b) and all((a / n).read_bytes() == (b / n).read_bytes() for n in names)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pretrain.data.index import shards_identity, shared_index, sop_chunks
 from pretrain.data.shards import TokenShards
 
 
@@ -34,7 +35,8 @@ class SOPSamples:
 
     The index is a list of chunks: runs of whole sentences of one document that reach a
     target length (seq_length - 3, or with probability short_seq_prob a random shorter
-    one, redrawn per chunk). At build time a chunk is split into A and B at a random
+    one, redrawn per chunk), built once per data folder and key and shared
+    (pretrain.data.index). At build time a chunk is split into A and B at a random
     sentence boundary (inside the sentence when the chunk is one sentence), and with
     probability 0.5 the two are swapped: the sentence-order label is 1 when swapped.
     """
@@ -46,31 +48,26 @@ class SOPSamples:
         self.max_tokens = seq_length - 3
         ids = shards.special_ids
         self.cls, self.sep, self.pad = ids["cls"], ids["sep"], ids["pad"]
-        self.too_short = 0
+        key = {
+            "kind": "sop",
+            "split": shards.split,
+            "seq_length": seq_length,
+            "short_seq_prob": short_seq_prob,
+            "seed": seed,
+            "shards": shards_identity(shards.directory, shards.split, shards.meta),
+        }
+
+        def build() -> tuple[np.ndarray, dict]:
+            lengths, doc_offsets = shards.sentence_table()
+            rows, too_short = sop_chunks(
+                lengths, doc_offsets, self.max_tokens, short_seq_prob, seed
+            )
+            return rows, {"too_short": too_short}
+
+        self.index, info = shared_index(shards.directory, f"{shards.split}-sop", key, build)
+        """(doc, first sentence, sentences) of each chunk, memory-mapped."""
+        self.too_short: int = info["too_short"]
         """Chunks of a single one-token sentence, which cannot make a pair (counted)."""
-        rows: list[tuple[int, int, int]] = []
-        # Streams are tagged in the third slot (1 samples, 2 epoch order, 3 chunking);
-        # masking_rng uses [seed, position] alone.
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 0, 3]))
-        for doc in range(shards.num_documents):
-            self._chunk_document(doc, shards.sentence_lengths(doc), short_seq_prob, rng, rows)
-        self.index = np.array(rows, dtype=np.int64).reshape(-1, 3)  # (doc, first, count)
-
-    def _target(self, short_seq_prob: float, rng: np.random.Generator) -> int:
-        if rng.random() < short_seq_prob:
-            return int(rng.integers(2, self.max_tokens + 1))
-        return self.max_tokens
-
-    def _chunk_document(self, doc, lengths, short_seq_prob, rng, rows) -> None:
-        target, first, size = self._target(short_seq_prob, rng), 0, 0
-        for i, n in enumerate(lengths.tolist()):
-            size += n
-            if i == len(lengths) - 1 or size >= target:
-                if i > first or size >= 2:
-                    rows.append((doc, first, i + 1 - first))
-                else:
-                    self.too_short += 1
-                target, first, size = self._target(short_seq_prob, rng), i + 1, 0
 
     def __len__(self) -> int:
         return len(self.index)

@@ -68,6 +68,7 @@ class TokenShards:
                 f"{directory} has no {split!r} split (it has {', '.join(self.meta['splits'])});"
                 " preprocess with --held-out to make a valid split"
             )
+        self.split = split
         self.dtype = np.dtype(self.meta["dtype"])
         self.special_ids: dict[str, int] = self.meta["tokenizer"]["special_ids"]
         self.vocab_size: int = self.meta["tokenizer"]["vocab_size"]
@@ -118,6 +119,17 @@ class TokenShards:
         shard, local = self._locate(doc)
         first, last = shard.documents[local], shard.documents[local + 1]
         return shard.tokens[shard.sentences[first] : shard.sentences[last]]
+
+    def sentence_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """int64 (S,) tokens of every sentence across all shards, and (D + 1,) the first
+        sentence of each document (then S)."""
+        lengths, starts, base = [], [], 0
+        for shard in self._shards:
+            offsets = np.asarray(shard.sentences, dtype=np.int64)
+            lengths.append(np.diff(offsets))
+            starts.append(np.asarray(shard.documents[:-1], dtype=np.int64) + base)
+            base += len(offsets) - 1
+        return np.concatenate(lengths), np.concatenate([*starts, [base]]).astype(np.int64)
 
     def document_lengths(self) -> np.ndarray:
         """int64 (D,) tokens per document, across all shards."""

@@ -1,7 +1,7 @@
 """The sample index (pretrain.data.index): the vectorised chunking cuts exactly the chunks
 a sentence-by-sentence walk cuts, the index is built once per key and read back by every
 later reader, a changed key or a half-written index is rebuilt, and a read-only data folder
-keeps its index in the cache; the epoch order is a permutation computed per position."""
+keeps its index in the cache; each epoch's order is one permutation, shared the same way."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from pretrain.data import index as index_module
 from pretrain.data.index import chunk_targets, shared_index, sop_chunks
-from pretrain.data.loader import EpochOrder
+from pretrain.data.loader import EpochOrder, SharedOrder
 from pretrain.data.samples import SOPSamples
 from pretrain.data.shards import TokenShards
 
@@ -126,16 +126,20 @@ def test_samples_read_their_shared_index_and_a_new_preprocess_rebuilds_it(shards
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4099])
-def test_the_epoch_order_is_a_permutation_per_epoch(n):
-    order = EpochOrder(n, seed=3)
-    epochs = [[order(p) for p in range(e * n, (e + 1) * n)] for e in range(3)]
-    for epoch in epochs:
-        assert sorted(epoch) == list(range(n))
-    assert epochs[0] == [EpochOrder(n, seed=3)(p) for p in range(n)]  # from the seed alone
-    if n >= 7:
-        assert epochs[0] != epochs[1] != epochs[2]
-        assert epochs[0] != [EpochOrder(n, seed=4)(p) for p in range(n)]
+def test_the_epoch_order_is_shared_through_the_data_folder(tmp_path):
+    n = 1000
+    alone = EpochOrder(n, seed=3)
+    shared = EpochOrder(n, seed=3, shared=SharedOrder(tmp_path, "train"))
+    again = EpochOrder(n, seed=3, shared=SharedOrder(tmp_path, "train"))
+    for epoch in range(2):
+        positions = range(epoch * n, (epoch + 1) * n)
+        expected = [alone(p) for p in positions]
+        assert sorted(expected) == list(range(n))
+        assert [shared(p) for p in positions] == expected == [again(p) for p in positions]
+        assert isinstance(again._perm, np.memmap)  # read from the file, not drawn again
+    assert len(list((tmp_path / "index").glob("train-order*.npy"))) == 2  # one per epoch
+    assert [alone(p) for p in range(n)] != [alone(p) for p in range(n, 2 * n)]
+    assert [alone(p) for p in range(n)] != [EpochOrder(n, seed=4)(p) for p in range(n)]
 
 
 @pytest.mark.unit

@@ -28,7 +28,7 @@ import numpy as np
 
 INDEX_VERSION = 2
 """Of the chunking below (1: a per-sentence Python loop drawing one target per chunk from
-one stream, so the same distribution of chunks but not the same chunks)."""
+one stream: the same distribution of chunks, but not the same chunks)."""
 INDEX_DIR = "index"
 
 

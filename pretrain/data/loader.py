@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from pretrain.config import Config
+from pretrain.data.index import shared_index
 from pretrain.data.masking import MaskingSpec, mask_tokens, masking_rng
 from pretrain.data.preprocess import TOKENIZER_DIR
 from pretrain.data.samples import CausalSamples, SOPSamples
@@ -33,51 +35,42 @@ def sample_rng(seed: int, position: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, position, 1]))
 
 
-_M64 = (1 << 64) - 1
-
-
-def _mix(x: int, key: int) -> int:
-    """A 64-bit hash of `x` under `key` (splitmix64's finaliser)."""
-    z = (x + key * 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
 class EpochOrder:
-    """Global position -> sample index: a seeded permutation per epoch, computed per
-    position rather than held (O(1) memory at any corpus size). Each epoch's permutation is
-    a Feistel network over [0, 4^h), 4^h >= the number of samples, walked until it lands
-    inside [0, N) (a bijection of [0, N): at most a few steps, since 4^h < 4N)."""
+    """Global position -> sample index: a seeded permutation per epoch. With `shared`
+    (a data folder), each epoch's permutation is built once, kept beside the sample index
+    and memory-mapped (pretrain.data.index), so no rank holds an array of its own."""
 
-    ROUNDS = 6
-
-    def __init__(self, num_samples: int, seed: int) -> None:
+    def __init__(self, num_samples: int, seed: int, shared: SharedOrder | None = None) -> None:
         if num_samples == 0:
             raise DataError("the data yields no samples; use more text or a shorter seq_length")
-        self.num_samples, self.seed = num_samples, seed
-        self.half = max(1, ((num_samples - 1).bit_length() + 1) // 2)
-        self._epoch, self._keys = -1, ()
+        self.num_samples, self.seed, self.shared = num_samples, seed, shared
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
-    def _round_keys(self, epoch: int) -> tuple[int, ...]:
-        if epoch != self._epoch:
-            state = np.random.SeedSequence([self.seed, epoch, 2]).generate_state(
-                self.ROUNDS, np.uint64
-            )
-            self._epoch, self._keys = epoch, tuple(int(k) for k in state)
-        return self._keys
+    def _draw(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 2]))
+        return rng.permutation(self.num_samples)
 
     def __call__(self, position: int) -> int:
-        epoch, x = divmod(position, self.num_samples)
-        keys, half = self._round_keys(epoch), self.half
-        mask = (1 << half) - 1
-        while True:
-            left, right = x >> half, x & mask
-            for key in keys:
-                left, right = right, left ^ (_mix(right, key) & mask)
-            x = (left << half) | right
-            if x < self.num_samples:
-                return x
+        epoch, k = divmod(position, self.num_samples)
+        if epoch != self._epoch:
+            if self.shared is None:
+                perm = self._draw(epoch)
+            else:
+                key = {"kind": "order", "samples": self.num_samples, "seed": self.seed}
+                name = f"{self.shared.name}-order{epoch}"
+                perm, _ = shared_index(
+                    self.shared.data, name, {**key, "epoch": epoch}, lambda: (self._draw(epoch), {})
+                )
+            self._epoch, self._perm = epoch, perm
+        return int(self._perm[k])
+
+
+@dataclass(frozen=True)
+class SharedOrder:
+    """Where an epoch order keeps its permutations: the data folder, and the split's name."""
+
+    data: Path
+    name: str
 
 
 class PretrainDataset(Dataset):
@@ -111,7 +104,7 @@ class PretrainDataset(Dataset):
                 special_ids=frozenset(ids.values()),
             )
             self.word_start = self.tokenizer.word_start
-        self.order = EpochOrder(len(self.samples), self.seed)
+        self.order = EpochOrder(len(self.samples), self.seed, SharedOrder(data, split))
 
     def __len__(self) -> int:
         """Samples per epoch."""

@@ -79,7 +79,7 @@ def export(args) -> int:
     else:
         for note in hf.export_notes(trained.cfg):
             print(note)
-        run = trained.run_state
+        run = trained.found.run_state
         facts = None if run is None else RunFacts.from_run(run, trained.where)
         hf.save_hf(trained.state, trained.cfg, tokenizer, args.output, facts, args.license)
         print(f"wrote the model card {args.output / CARD}")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain.cache import cache_root
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # CPU classes whose bf16 matmuls run on native instructions (not emulated through fp32).
@@ -127,8 +129,7 @@ def measure_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, int, 
 def cache_file() -> Path:
     """Where measured peaks are kept: one JSON file per host under ~/.cache/pretrain (or
     $XDG_CACHE_HOME/pretrain)."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "pretrain" / f"matmul-peaks-{socket.gethostname()}.json"
+    return cache_root() / f"matmul-peaks-{socket.gethostname()}.json"
 
 
 def _cache_key(device: torch.device, precision: str) -> str:

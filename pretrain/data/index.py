@@ -26,14 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pretrain.cache import cache_root
+
 INDEX_VERSION = 2
 """Of the chunking below (1: a per-sentence Python loop drawing one target per chunk from
 one stream: the same distribution of chunks, but not the same chunks)."""
 INDEX_DIR = "index"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pretrain"
 
 
 def chunk_targets(sentences: int, max_tokens: int, short_seq_prob: float, seed: int) -> np.ndarray:

@@ -365,19 +365,17 @@ def _read_text_file(path: Path, report: ReadReport) -> Iterator[str]:
 
 def _json_rows(path: Path, report: ReadReport) -> Iterator[tuple[str, object]]:
     """(location, parsed row) of a JSON-lines file, or of a file holding one JSON array."""
-    with open_input(path) as f:  # read once: a decompressing stream cannot seek back
-        first = f.read(1)
-        is_array = first == b"["
-        if is_array:
+    with open_input(path) as f:  # peeked, not read: a decompressing stream cannot seek back
+        if f.peek(1)[:1] == b"[":
             try:
-                rows = json.loads(_decode(first + f.read(), report))
+                rows = json.loads(_decode(f.read(), report))
             except json.JSONDecodeError as err:
                 raise DataError(
                     f"{path} is not valid JSON (line {err.lineno}): fix or remove it"
                 ) from None
             yield from ((f"{path}:item {i}", row) for i, row in enumerate(rows))
             return
-        for number, raw in enumerate(_lines(first, f), start=1):
+        for number, raw in enumerate(f, start=1):
             line = _decode(raw, report)
             if not line.strip():
                 continue
@@ -385,14 +383,6 @@ def _json_rows(path: Path, report: ReadReport) -> Iterator[tuple[str, object]]:
                 yield f"{path}:{number}", json.loads(line)
             except json.JSONDecodeError:
                 report.skip("malformed_json", f"{path}:{number}")
-
-
-def _lines(first: bytes, f: IO[bytes]) -> Iterator[bytes]:
-    """The lines of `f`, whose first byte `first` was read already."""
-    if not first:
-        return
-    yield first if first == b"\n" else first + f.readline()
-    yield from iter(f.readline, b"")
 
 
 def _read_json(path: Path, text_field: str, report: ReadReport) -> Iterator[str]:
@@ -508,12 +498,11 @@ def iter_documents(
     `hf:` datasets are streamed from the cache's files rather than opened as tables."""
     for path in expand_inputs(paths, report):
         report.files += 1
-        suffix = None if isinstance(path, HubInput) else file_type(path)[0]
         if isinstance(path, HubInput):
             docs = _read_hub(path, text_field, streaming, report)
-        elif path.is_file() and suffix in TEXT_SUFFIXES:
+        elif path.is_file() and file_type(path)[0] in TEXT_SUFFIXES:
             docs = _read_text_file(path, report)
-        elif path.is_file() and suffix in JSON_SUFFIXES:
+        elif path.is_file() and file_type(path)[0] in JSON_SUFFIXES:
             docs = _read_json(path, text_field, report)
         else:
             docs = _read_dataset(path, text_field, report)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pretrain.config import Config, ModelConfig, from_dict
+from pretrain.config import ModelConfig, from_dict
 from pretrain.data.tokenizer import MODEL_FILE, Tokenizer
 from pretrain.engine.manifest import LATEST, RUN_STATE, check_tag, newest_valid, read_run_state
 from pretrain.errors import UserError
@@ -34,11 +34,6 @@ class TrainedModel:
     run_state: dict | None = None
     """The run state of the training checkpoint it was read from (step, consumed samples,
     the run's whole config); None for an export."""
-
-    @property
-    def run_config(self) -> Config | None:
-        """The config the checkpoint's run trained with; None for an export."""
-        return None if self.run_state is None else from_dict(Config, self.run_state["config"])
 
 
 def checkpoint_folder(path: str | Path) -> Path:

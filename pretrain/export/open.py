@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from pretrain.config import Config, ModelConfig, from_dict
+from pretrain.data.tokenizer import MODEL_FILE
 from pretrain.engine.manifest import RUN_STATE, check_tag, read_run_state
 from pretrain.errors import UserError
-from pretrain.export import native
+from pretrain.export import compressed, native
 from pretrain.export.checkpoint import (
     checkpoint_folder,
     newest_valid_tag,
@@ -48,7 +49,6 @@ KINDS = {
     "int8": "an int8 export",
 }
 EXPECTED = ", ".join(list(KINDS.values())[:-1]) + " or " + KINDS["int8"]
-INT8_FORMAT = "pretrain-int8/1"  # pretrain.export.compressed's, without importing it
 
 
 @dataclass
@@ -68,11 +68,9 @@ class Found:
     """The checkpoint a run or checkpoint is read at."""
     meta: dict | None = None
     """A folder's config.json (native, hf, int8)."""
-
-    @property
-    def run_state(self) -> dict | None:
-        """The run state of a training checkpoint; None for an export."""
-        return None if self.tag is None else read_run_state(self.checkpoints, self.tag)
+    run_state: dict | None = None
+    """The run state of a training checkpoint (step, samples, the run's config, its
+    tokenizer's checksum); None for an export."""
 
 
 @dataclass
@@ -86,7 +84,6 @@ class Opened:
     """The model config of the weights (an HF folder's with its pair head, if it has one)."""
     tokenizer_dir: Path | None
     """Our SentencePiece tokenizer folder, where the folder has or names one."""
-    run_state: dict | None = None
 
     @property
     def kind(self) -> str:
@@ -99,13 +96,12 @@ class Opened:
     @property
     def run_config(self) -> Config | None:
         """The config the checkpoint's run trained with; None for an export."""
-        return None if self.run_state is None else from_dict(Config, self.run_state["config"])
+        state = self.found.run_state
+        return None if state is None else from_dict(Config, state["config"])
 
     def build(self) -> SharedTransformer:
         """A new model holding the weights, in eval mode on CPU."""
         if self.state is None:
-            from pretrain.export import compressed  # loads torch's quantized modules
-
             return compressed.load_int8(self.found.path)
         return native.build_model(self.state, self.cfg, self.where)
 
@@ -123,7 +119,7 @@ def _json(file: Path) -> dict | None:
 def _checkpoint(kind: str, path: Path, folder: Path, tag: str) -> Found:
     state = read_run_state(folder, tag)
     cfg = from_dict(ModelConfig, state["config"]["model"], "model")
-    return Found(kind, path, cfg, str(folder / tag), checkpoints=folder, tag=tag)
+    return Found(kind, path, cfg, str(folder / tag), checkpoints=folder, tag=tag, run_state=state)
 
 
 def kind_of(path: str | Path) -> str:
@@ -134,7 +130,7 @@ def kind_of(path: str | Path) -> str:
         what = "does not exist" if not path.exists() else "is not a folder"
         raise UserError(f"{path} {what}; expected {EXPECTED}")
     meta = _json(path / CONFIG_FILE) or {}
-    if meta.get("format") == INT8_FORMAT:
+    if meta.get("format") == compressed.INT8_FORMAT:
         return "int8"
     if meta.get("format") == native.FORMAT:
         return "native"
@@ -211,11 +207,9 @@ def read(found: Found, tokenizer: str | Path | None = None, need_tokenizer: bool
         return Opened(found, state, cfg, None)
     else:
         trained = read_checkpoint(found.checkpoints, found.tag, tokenizer, need_tokenizer)
-    return Opened(found, trained.state, trained.cfg, trained.tokenizer_dir, trained.run_state)
+    return Opened(found, trained.state, trained.cfg, trained.tokenizer_dir)
 
 
 def _own_tokenizer(path: Path) -> Path | None:
-    from pretrain.data.tokenizer import MODEL_FILE
-
     folder = path / native.TOKENIZER
     return folder if (folder / MODEL_FILE).is_file() else None

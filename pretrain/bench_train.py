@@ -137,6 +137,8 @@ class Timed:
         with self.autocast():
             loss, _ = compute_loss(self.model(**model_inputs(batch)), batch, self.cfg)
         loss.backward()
+        if self.cfg.optim.grad_clip > 0:  # the recipe the engine runs (HF's Trainer clips too)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         sync(self.device)

@@ -16,9 +16,11 @@ from pretrain.data.masking import (
     IGNORE_INDEX,
     MaskedSample,
     MaskingSpec,
+    mask_batch,
     mask_tokens,
     masking_rng,
 )
+from pretrain.data.seeding import generators
 
 pytestmark = pytest.mark.unit
 
@@ -273,6 +275,34 @@ def test_masking_depends_only_on_seed_and_position():
         masking_rng(7, p + 1000).random(10)
         assert mask_at(tokens_T, word_start_T, 7, p) == in_order[p]
     assert mask_at(tokens_T, word_start_T, 8, 0) != in_order[0]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"whole_word": False, "max_ngram": 1, "mask_prob": 0.4},
+        {"max_predictions": 3},
+        {"mask_prob": 0.0},
+        {"mask_prob": 1.0, "max_ngram": 5},
+    ],
+    ids=["albert", "token-level", "capped", "nothing", "everything"],
+)
+def test_a_batch_masks_each_row_as_mask_tokens_does(overrides):
+    spec = make_spec(**overrides)
+    rng = np.random.default_rng(3)
+    rows = [make_sequence(rng, 96, int(rng.integers(2, 93)), unk_rate=0.05) for _ in range(24)]
+    rows[5] = (np.full(96, PAD, dtype=np.int64), np.ones(96, dtype=bool))  # nothing real
+    tokens_BT = np.stack([t for t, _ in rows])
+    word_start_BT = np.stack([w for _, w in rows])
+    positions_B = np.arange(500, 524)
+    keys_B2 = np.stack([np.full(24, 7), positions_B], axis=1)
+    input_ids_BT, labels_BT = mask_batch(tokens_BT, word_start_BT, spec, generators(keys_B2))
+    for b, position in enumerate(positions_B.tolist()):
+        one = mask_tokens(tokens_BT[b], word_start_BT[b], spec, masking_rng(7, position))
+        assert np.array_equal(input_ids_BT[b], one.input_ids), b
+        assert np.array_equal(labels_BT[b], one.labels), b
+    assert (labels_BT != IGNORE_INDEX).any() == (spec.mask_prob > 0)
 
 
 def test_masking_rng_is_seeded_from_seed_and_position():

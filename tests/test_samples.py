@@ -9,8 +9,8 @@ from helpers import REPO
 
 from pretrain.config import load_config
 from pretrain.data.loader import PretrainDataset, make_loader, sample_rng
-from pretrain.data.masking import IGNORE_INDEX
-from pretrain.data.samples import CausalSamples, SOPSamples
+from pretrain.data.masking import IGNORE_INDEX, mask_tokens, masking_rng
+from pretrain.data.samples import CausalSamples, SOPSamples, _truncate_pair
 from pretrain.data.shards import TokenShards
 
 pytestmark = pytest.mark.unit
@@ -198,3 +198,51 @@ def test_no_valid_split_is_named(shards_dir, tmp_path, corpus_dir, tokenizer_dir
     with pytest.raises(DataError, match="has no 'valid' split"):
         PretrainDataset(config(out), split="valid")
     assert len(PretrainDataset(config(shards_dir), split="valid")) > 0
+
+
+def truncate_one_at_a_time(a, b, max_tokens, rng):
+    """ALBERT's truncate_seq_pair as written there: one token a step."""
+    a, b = list(a), list(b)
+    while len(a) + len(b) > max_tokens:
+        longer = a if len(a) > len(b) else b
+        if rng.random() < 0.5:
+            del longer[0]
+        else:
+            longer.pop()
+    return a, b
+
+
+def test_truncation_drops_what_the_one_token_loop_drops():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        len_a, len_b = (int(n) for n in rng.integers(1, 60, size=2))
+        max_tokens = int(rng.integers(2, 120))
+        a, b = np.arange(len_a), 100 + np.arange(len_b)
+        seed = int(rng.integers(1 << 30))
+        got = _truncate_pair(a, b, max_tokens, np.random.default_rng(seed))
+        # The loop draws one uniform a step, as the batch of `excess` uniforms does.
+        expected = truncate_one_at_a_time(a, b, max_tokens, np.random.default_rng(seed))
+        assert [g.tolist() for g in got] == list(expected), (len_a, len_b, max_tokens)
+
+
+@pytest.mark.parametrize("family", ["albert", "llama"])
+def test_a_batch_holds_the_samples_of_its_positions(shards_dir, family):
+    """__getitems__ (the loader's path, generators seeded for the whole batch) against
+    each position built alone with NumPy's own generators."""
+    dataset = PretrainDataset(config(shards_dir, family))
+    positions = [3, 4, 90, len(dataset) + 2, 5 * len(dataset) + 11]
+    batch = dataset.__getitems__(positions)
+    seed = dataset.seed
+    for b, position in enumerate(positions):
+        alone = dataset.samples.build(dataset.order(position), sample_rng(seed, position))
+        if not dataset.causal:
+            masked = mask_tokens(
+                alone["input_ids"],
+                dataset.word_start[alone["input_ids"]],
+                dataset.masking,
+                masking_rng(seed, position),
+            )
+            alone["input_ids"], alone["mlm_labels"] = masked.input_ids, masked.labels
+        assert sorted(alone) == sorted(batch)
+        for key, value in alone.items():
+            assert np.array_equal(batch[key][b], value), (position, key)

@@ -1,16 +1,23 @@
-"""Data pipeline benchmark on the default corpus.
+"""Data pipeline benchmark on the default corpus: preprocessing, and whether one loader
+process keeps a GPU fed.
 
-    python tools/bench_data.py [--workdir data/bench] [--num-proc 2]
+    python tools/bench_data.py [CONFIG ...] [--seq-length T] [--gpu h100] [--mfu 0.5]
+        [--workdir data/bench] [--num-proc 2] [--no-preprocess]
 
-Prints preprocessing throughput (tokens/s; target >= 1M on 2 cores) and loader throughput
-(samples/s), side by side with the forward + backward time of a training micro-batch of
-the same shape, so that the loader's share of a step is visible.
+Prints preprocessing throughput (tokens/s with 1 and --num-proc processes) and, for each
+CONFIG (default: albert-base.yaml at T 128 and 512, llama-small.yaml at 512), the samples/s
+one loader process builds (the trainer's own path: order, sample, mask, collate; one
+thread), beside the samples/s one GPU consumes: its datasheet bf16 peak times --mfu over
+the config's training FLOPs per token (pretrain.model.accounting), and so how many loader
+processes (`data.num_workers`) it needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -18,15 +25,16 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import load_config
+from pretrain.config import ConfigError, load_config
 from pretrain.data.corpus import copy_default_corpus
 from pretrain.data.loader import PretrainDataset, make_loader
 from pretrain.data.preprocess import preprocess
+from pretrain.data.shards import read_metadata
 from pretrain.data.sources import ReadReport, iter_documents
 from pretrain.data.tokenizer import info_file, train_tokenizer
 from pretrain.errors import main_guard
-from pretrain.model import SharedTransformer
-from pretrain.objectives import compute_loss, model_inputs
+from pretrain.metrics import PEAK_TFLOPS, peak_tflops
+from pretrain.model.accounting import account
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,46 +54,64 @@ def bench_preprocess(corpus: Path, tokenizer: Path, num_proc: int) -> tuple[int,
     return tokens, seconds
 
 
-def bench_loader(config: str, shards: Path, seq_length: int, micro: int, steps: int) -> dict:
-    cfg = load_config(
-        REPO / "configs" / config,
-        {
-            "data.path": str(shards),
-            "data.seq_length": seq_length,
-            "model.vocab_size": 8000,
-            "model.max_position_embeddings": max(512, seq_length),
-        },
-    )
+def resolve_config(name: str) -> Path:
+    path = Path(name)
+    if not path.is_file() and (REPO / "configs" / name).is_file():
+        path = REPO / "configs" / name
+    if not path.is_file():
+        raise ConfigError(f"no config {name!r} (a path, or a file name in configs/)")
+    return path
+
+
+def bench_loader(path: Path, shards: Path, seq_length: int | None, batches: int) -> dict:
+    """Samples/s of the trainer's loader for `path` (its micro-batch) in this process."""
+    vocab = read_metadata(shards)["tokenizer"]["vocab_size"]
+    cfg = load_config(path, {"data.path": str(shards)})
+    T = seq_length or cfg.data.seq_length
+    cfg.data.seq_length = T
+    cfg.model.vocab_size = max(cfg.model.vocab_size, vocab)
+    cfg.model.max_position_embeddings = max(cfg.model.max_position_embeddings, T)
     dataset, init_s = timed(lambda: PretrainDataset(cfg))
+    micro = cfg.engine.micro_batch_size
     loader = iter(make_loader(dataset, 0, micro))
-    next(loader)
-    batches, load_s = timed(lambda: [next(loader) for _ in range(steps)])
-    torch.manual_seed(0)
-    model = SharedTransformer(cfg.model)
-    loss, _ = compute_loss(model(**model_inputs(batches[0])), batches[0], cfg)
-    loss.backward()
-
-    def train():
-        for batch in batches:
-            loss, _ = compute_loss(model(**model_inputs(batch)), batch, cfg)
-            loss.backward()
-
-    _, train_s = timed(train)
+    next(loader)  # the first batch maps the epoch's order
+    # The median of 5 rounds: a shared machine's noise moves single rounds by 2x.
+    rounds = [timed(lambda: [next(loader) for _ in range(batches)])[1] for _ in range(5)]
+    load_s = statistics.median(rounds)
     return {
+        "config": path.name,
+        "objective": "causal" if cfg.model.causal else "MLM+SOP",
+        "seq_length": T,
+        "micro": micro,
         "init_s": init_s,
-        "samples_per_s": steps * micro / load_s,
-        "load_ms": 1000 * load_s / steps,
-        "train_ms": 1000 * train_s / steps,
+        "samples_per_s": batches * micro / load_s,
+        "flops_per_token": account(cfg).flops_per_token,
     }
+
+
+def gpu_samples_per_s(gpu: str, mfu: float, flops_per_token: float, seq_length: int) -> float:
+    peak = peak_tflops(gpu, "bf16")
+    if peak is None:
+        known = ", ".join(k.lower() for k in PEAK_TFLOPS if "bf16" in PEAK_TFLOPS[k])
+        raise ConfigError(f"--gpu {gpu!r} has no bf16 datasheet peak here; one of: {known}")
+    return peak * 1e12 * mfu / flops_per_token / seq_length
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python tools/bench_data.py", description=__doc__.split("\n")[0]
     )
+    parser.add_argument("configs", nargs="*", help="configs whose loader to time")
+    parser.add_argument("--seq-length", type=int, help="instead of each config's own")
+    parser.add_argument("--gpu", default="h100", help="the GPU to feed (datasheet bf16 peak)")
+    parser.add_argument("--mfu", type=float, default=0.5, help="the MFU that GPU trains at")
+    parser.add_argument("--batches", type=int, default=20, help="micro-batches a round")
     parser.add_argument("--workdir", default="data/bench", help="corpus, tokenizer and shards")
     parser.add_argument("--num-proc", type=int, default=2)
+    parser.add_argument("--no-preprocess", action="store_true", help="time the loader only")
     args = parser.parse_args(argv)
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu {args.mfu} must be in (0, 1]")
     torch.set_num_threads(1)
     work = Path(args.workdir)
     corpus, tokenizer, shards = work / "corpus", work / "tokenizer", work / "shards"
@@ -94,31 +120,42 @@ def main(argv: list[str]) -> int:
         docs = iter_documents([corpus], "text", ReadReport())
         _, seconds = timed(lambda: train_tokenizer(docs, tokenizer, vocab_size=8000))
         print(f"tokenizer: unigram 8000 trained in {seconds:.1f}s")
-    print("== preprocessing (default corpus, reading + tokenizing + writing shards)")
-    for num_proc in sorted({1, args.num_proc}):
-        tokens, seconds = bench_preprocess(corpus, tokenizer, num_proc)
-        print(
-            f"num_proc {num_proc}: {tokens:,} tokens in {seconds:.2f}s"
-            f" = {tokens / seconds:,.0f} tokens/s"
-        )
-    if shards.exists():
-        shutil.rmtree(shards)
-    preprocess([str(corpus)], tokenizer, shards, num_proc=args.num_proc)
-    print("== loader (1 process) vs forward + backward of the same micro-batch (1 thread)")
-    print(
-        f"{'samples':<22}{'T':>5}{'batch':>7}{'samples/s':>11}{'load ms':>9}"
-        f"{'train ms':>10}{'share':>7}"
+    if not args.no_preprocess:
+        print("== preprocessing (default corpus, reading + tokenizing + writing shards)")
+        for num_proc in sorted({1, args.num_proc}):
+            tokens, seconds = bench_preprocess(corpus, tokenizer, num_proc)
+            print(
+                f"num_proc {num_proc}: {tokens:,} tokens in {seconds:.2f}s"
+                f" = {tokens / seconds:,.0f} tokens/s"
+            )
+    if not args.no_preprocess or not shards.exists():
+        if shards.exists():
+            shutil.rmtree(shards)
+        preprocess([str(corpus)], tokenizer, shards, num_proc=args.num_proc)
+    runs = (
+        [(resolve_config(c), args.seq_length) for c in args.configs]
+        if args.configs
+        else [
+            (REPO / "configs" / "albert-base.yaml", 128),
+            (REPO / "configs" / "albert-base.yaml", 512),
+            (REPO / "configs" / "llama-small.yaml", 512),
+        ]
     )
-    for config, family, seq in (
-        ("tiny-albert.yaml", "MLM+SOP", 128),
-        ("tiny-albert.yaml", "MLM+SOP", 512),
-        ("tiny-llama.yaml", "causal", 512),
-    ):
-        r = bench_loader(config, shards, seq, micro=8, steps=40)
-        share = r["load_ms"] / (r["load_ms"] + r["train_ms"])
+    print(
+        f"== loader: one process, one thread, against one {args.gpu.upper()} at"
+        f" {args.mfu:.0%} MFU (bf16 datasheet peak)"
+    )
+    print(
+        f"{'config':<20}{'objective':<10}{'T':>5}{'batch':>6}{'samples/s':>11}"
+        f"{'GFLOP/token':>12}{'GPU samples/s':>14}{'loaders/GPU':>12}"
+    )
+    for path, seq_length in runs:
+        r = bench_loader(path, shards, seq_length, args.batches)
+        need = gpu_samples_per_s(args.gpu, args.mfu, r["flops_per_token"], r["seq_length"])
         print(
-            f"{family + ' ' + config:<22}{seq:>5}{8:>7}{r['samples_per_s']:>11,.0f}"
-            f"{r['load_ms']:>9.2f}{r['train_ms']:>10.1f}{share:>7.1%}"
+            f"{r['config']:<20}{r['objective']:<10}{r['seq_length']:>5}{r['micro']:>6}"
+            f"{r['samples_per_s']:>11,.0f}{r['flops_per_token'] / 1e9:>12.3f}"
+            f"{need:>14,.0f}{math.ceil(need / r['samples_per_s']):>12}"
         )
     return 0
 

@@ -11,7 +11,7 @@ different number of ranks, sees the same samples at the same positions.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from pretrain.config import Config
 from pretrain.data.index import shared_index
-from pretrain.data.masking import MaskingSpec, mask_tokens, masking_rng
+from pretrain.data.masking import MaskingSpec, mask_batch
 from pretrain.data.preprocess import TOKENIZER_DIR
 from pretrain.data.samples import CausalSamples, SOPSamples
+from pretrain.data.seeding import generators
 from pretrain.data.shards import TokenShards
 from pretrain.data.sources import DataError
 from pretrain.data.tokenizer import Tokenizer
@@ -111,17 +112,29 @@ class PretrainDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, position: int) -> dict[str, np.ndarray]:
-        sample = self.samples.build(self.order(position), sample_rng(self.seed, position))
-        if self.causal:
-            return sample
-        masked = mask_tokens(
-            sample["input_ids"],
-            self.word_start[sample["input_ids"]],
-            self.masking,
-            masking_rng(self.seed, position),
+        return {k: v[0] for k, v in self.__getitems__([position]).items()}
+
+    def __getitems__(self, positions: Sequence[int]) -> dict[str, np.ndarray]:
+        """A micro-batch of global positions as (B, ...) arrays (the DataLoader hands the
+        whole batch here, and `collate` turns it into tensors). Each sample is what
+        `sample_rng` and `masking_rng` of its position make of it; their generators are
+        seeded for the batch at once (pretrain.data.seeding)."""
+        positions_B = np.asarray(positions, dtype=np.int64)
+        samples_B = [self.order(int(p)) for p in positions_B]
+        seed_B = np.full(len(positions_B), self.seed, dtype=np.int64)
+        batch = self.samples.build_batch(
+            samples_B, generators(np.stack([seed_B, positions_B, np.ones_like(seed_B)], axis=1))
         )
-        sample["input_ids"], sample["mlm_labels"] = masked.input_ids, masked.labels
-        return sample
+        if self.causal:
+            return batch
+        input_ids_BT = batch["input_ids"]
+        batch["input_ids"], batch["mlm_labels"] = mask_batch(
+            input_ids_BT,
+            self.word_start[input_ids_BT],
+            self.masking,
+            generators(np.stack([seed_B, positions_B], axis=1)),
+        )
+        return batch
 
 
 class RankBatchSampler(Sampler[list[int]]):
@@ -142,11 +155,17 @@ class RankBatchSampler(Sampler[list[int]]):
             start += self.micro * self.world
 
 
-def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack samples into a batch. A batch without padding carries no attention mask:
-    attention then runs unmasked, which GPUs serve with the flash kernel (it takes no
-    mask). Deciding here, on the host, costs the step no device sync."""
-    batch = default_collate(samples)
+def collate(
+    samples: list[dict[str, np.ndarray]] | dict[str, np.ndarray],
+) -> dict[str, torch.Tensor]:
+    """Tensors of a batch: samples stacked, or a batch `PretrainDataset.__getitems__`
+    already stacked. A batch without padding carries no attention mask: attention then
+    runs unmasked, which GPUs serve with the flash kernel (it takes no mask). Deciding
+    here, on the host, costs the step no device sync."""
+    if isinstance(samples, dict):
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in samples.items()}
+    else:
+        batch = default_collate(samples)
     mask = batch.get("attention_mask")
     if mask is not None and bool(mask.all()):
         del batch["attention_mask"]

@@ -15,6 +15,7 @@ Deliberate departures from that script:
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from pretrain.labels import IGNORE_INDEX
 
 _MASK_FRACTION = 0.8  # of the selected tokens become [MASK] ...
 _KEEP_FRACTION = 0.1  # ... stay unchanged, and the remaining 0.1 become a random token
+_REPLACE_FROM = _MASK_FRACTION + _KEEP_FRACTION
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,64 @@ def mask_tokens(
     return MaskedSample(input_ids=input_ids_T, labels=labels_T, span_lengths=span_lengths)
 
 
+def mask_batch(
+    tokens_BT: np.ndarray,
+    word_start_BT: np.ndarray,
+    spec: MaskingSpec,
+    rngs: Iterable[np.random.Generator],
+) -> tuple[np.ndarray, np.ndarray]:
+    """`mask_tokens` over a micro-batch: row b masked with the b-th generator of `rngs`,
+    exactly as `mask_tokens(tokens_BT[b], word_start_BT[b], spec, rng)` masks it.
+
+    Words, budgets and the corruption are computed for all rows at once; only the visit of
+    start words (a short loop over each row's own random order) runs per row.
+    Returns int64 (B, T) input ids and labels.
+    """
+    tokens_BT = np.asarray(tokens_BT)
+    B, T = tokens_BT.shape
+    real_BT = ~_special_table(spec)[tokens_BT]
+    if spec.whole_word:
+        prev_real_BT = np.zeros_like(real_BT)
+        prev_real_BT[:, 1:] = real_BT[:, :-1]
+        starts_BT = real_BT & (np.asarray(word_start_BT, dtype=bool) | ~prev_real_BT)
+    else:
+        starts_BT = real_BT
+    # Words numbered across the batch: row b's words are first_W[b] .. first_W[b+1] - 1.
+    words_B = starts_BT.sum(axis=1)
+    first_W = np.concatenate(([0], np.cumsum(words_B)))
+    word_of_R = np.cumsum(starts_BT.ravel())[real_BT.ravel()] - 1
+    word_len_W = np.bincount(word_of_R, minlength=int(first_W[-1]))
+    n_real_B = real_BT.sum(axis=1).tolist()
+    first_words = first_W.tolist()
+    cum = [0, *np.cumsum(word_len_W).tolist()]
+    covered = [False] * len(word_len_W)
+    u_parts, random_parts = [], []
+    for b, rng in zip(range(B), rngs, strict=True):
+        lo, n_words = first_words[b], first_words[b + 1] - first_words[b]
+        budget = _num_to_predict(n_real_B[b], spec)
+        n_selected = 0
+        if budget and n_words:
+            starts, ngrams = _draw_spans(n_words, spec.max_ngram, rng)
+            n_selected = _visit(starts, ngrams, cum, covered, lo, budget)
+        # _corrupt's draws, in its order: one uniform per selected token, then the ids.
+        u_P = rng.random(n_selected)
+        u_parts.append(u_P)
+        random_parts.append(_random_normal_ids(int((u_P >= _REPLACE_FROM).sum()), spec, rng))
+    covered_W = np.array(covered, dtype=bool)
+    selected_BT = np.zeros(B * T, dtype=bool)
+    selected_BT[real_BT.ravel()] = covered_W[word_of_R]
+    selected_BT = selected_BT.reshape(B, T)
+    labels_BT = np.where(selected_BT, tokens_BT, IGNORE_INDEX).astype(np.int64)
+    input_ids_BT = tokens_BT.astype(np.int64, copy=True)
+    # Row-major positions: each row's selected tokens in order, as its draws were made.
+    selected_P = np.flatnonzero(selected_BT)
+    u_P = np.concatenate(u_parts) if u_parts else np.zeros(0)
+    flat_P = input_ids_BT.reshape(-1)
+    flat_P[selected_P[u_P < _MASK_FRACTION]] = spec.mask_id
+    flat_P[selected_P[u_P >= _REPLACE_FROM]] = np.concatenate(random_parts or [np.zeros(0, int)])
+    return input_ids_BT, labels_BT
+
+
 def _group_words(
     tokens_T: np.ndarray, word_start_T: np.ndarray, spec: MaskingSpec
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -144,26 +204,47 @@ def _choose_spans(
     Returns which words are covered (bool (W,)) and the accepted span lengths in words.
     """
     n_words = len(word_len_W)
-    if budget == 0 or n_words == 0:
-        return np.zeros(n_words, dtype=bool), []
-    start_S = rng.permutation(n_words)
-    ngram_S = _draw_ngrams(np.minimum(max_ngram, n_words - start_S), rng)
-    # Plain Python from here: the loop is short and numpy scalar access would dominate it.
-    cum = [0, *np.cumsum(word_len_W).tolist()]
     covered = [False] * n_words
     spans: list[int] = []
+    if budget and n_words:
+        cum = [0, *np.cumsum(word_len_W).tolist()]
+        _visit(*_draw_spans(n_words, max_ngram, rng), cum, covered, 0, budget, spans)
+    return np.array(covered, dtype=bool), spans
+
+
+def _draw_spans(n_words: int, max_ngram: int, rng: np.random.Generator) -> tuple[list, list]:
+    """The start words in the order they are visited, and a span length drawn for each."""
+    start_S = rng.permutation(n_words)
+    ngram_S = _draw_ngrams(np.minimum(max_ngram, n_words - start_S), rng)
+    return start_S.tolist(), ngram_S.tolist()
+
+
+def _visit(
+    starts: list[int],
+    ngrams: list[int],
+    cum: list[int],
+    covered: list[bool],
+    base: int,
+    budget: int,
+    spans: list[int] | None = None,
+) -> int:
+    """Cover spans of words base + s .. base + s + n - 1 while the token budget lasts (cum:
+    cumulative word lengths, covered: marked in place); returns the tokens selected.
+    Plain Python: the loop is short and numpy scalar access would dominate it."""
     n_selected = 0
-    for s, n in zip(start_S.tolist(), ngram_S.tolist(), strict=True):
+    for s, n in zip(starts, ngrams, strict=True):
         if n_selected >= budget:
             break
+        s += base
         while n > 0 and n_selected + cum[s + n] - cum[s] > budget:
             n -= 1  # try a shorter span before giving up on this start
         if n == 0 or any(covered[s : s + n]):
             continue
         covered[s : s + n] = [True] * n
         n_selected += cum[s + n] - cum[s]
-        spans.append(n)
-    return np.array(covered, dtype=bool), spans
+        if spans is not None:
+            spans.append(n)
+    return n_selected
 
 
 def _draw_ngrams(available_S: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -193,7 +274,7 @@ def _corrupt(
     input_ids_T = tokens_T.astype(np.int64, copy=True)
     u_P = rng.random(len(selected_P))
     input_ids_T[selected_P[u_P < _MASK_FRACTION]] = spec.mask_id
-    random_R = selected_P[u_P >= _MASK_FRACTION + _KEEP_FRACTION]
+    random_R = selected_P[u_P >= _REPLACE_FROM]
     input_ids_T[random_R] = _random_normal_ids(len(random_R), spec, rng)
     return input_ids_T
 
@@ -205,6 +286,15 @@ def _random_normal_ids(n: int, spec: MaskingSpec, rng: np.random.Generator) -> n
     # The r-th normal id is r plus the number of specials below it, and the k-th special is
     # below it exactly when the specials_K[k] - k normal ids under that special are <= r.
     return r_R + np.searchsorted(specials_K - np.arange(len(specials_K)), r_R, side="right")
+
+
+@functools.lru_cache(maxsize=16)
+def _special_table(spec: MaskingSpec) -> np.ndarray:
+    """bool (vocab_size,): True at the special ids (a lookup, where np.isin sorts)."""
+    table_V = np.zeros(spec.vocab_size, dtype=bool)
+    table_V[_specials_array(spec.special_ids)] = True
+    table_V.flags.writeable = False
+    return table_V
 
 
 @functools.lru_cache(maxsize=16)

@@ -7,6 +7,8 @@ can be rebuilt exactly wherever a run resumes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import numpy as np
 
 from pretrain.data.index import shards_identity, shared_index, sop_chunks
@@ -16,18 +18,28 @@ from pretrain.data.shards import TokenShards
 def _truncate_pair(
     a: np.ndarray, b: np.ndarray, max_tokens: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """ALBERT's truncate_seq_pair: drop one token at a time from the longer segment, from
-    the front or the back with equal probability."""
-    a_lo, a_hi, b_lo, b_hi = 0, len(a), 0, len(b)
+    """ALBERT's truncate_seq_pair: drop one token at a time from the longer segment (b on
+    a tie), from the front or the back with equal probability."""
     excess = len(a) + len(b) - max_tokens
-    if excess > 0:
-        from_front = rng.random(excess) < 0.5
-        for front in from_front:
-            if a_hi - a_lo > b_hi - b_lo:
-                a_lo, a_hi = (a_lo + 1, a_hi) if front else (a_lo, a_hi - 1)
-            else:
-                b_lo, b_hi = (b_lo + 1, b_hi) if front else (b_lo, b_hi - 1)
-    return a[a_lo:a_hi], b[b_lo:b_hi]
+    if excess <= 0:
+        return a, b
+    from_front_X = rng.random(excess) < 0.5
+    on_a_X = _trimmed_from_a(len(a), len(b), excess)
+    a_front, b_front = int(from_front_X[on_a_X].sum()), int(from_front_X[~on_a_X].sum())
+    a_cut = int(on_a_X.sum())
+    b_cut = excess - a_cut
+    return a[a_front : len(a) - (a_cut - a_front)], b[b_front : len(b) - (b_cut - b_front)]
+
+
+def _trimmed_from_a(len_a: int, len_b: int, excess: int) -> np.ndarray:
+    """bool (excess,): which of the drops fall on a. The longer one loses tokens until the
+    two are within one of each other; from there the drops alternate."""
+    if len_a > len_b:
+        lead, a_first = min(len_a - len_b, excess), True  # a shrinks to b's length
+    else:
+        lead, a_first = min(len_b - len_a + 1, excess), False  # b shrinks below a's
+    after_X = np.arange(excess - lead) % 2 == (1 if a_first else 0)
+    return np.concatenate((np.full(lead, a_first), after_X))
 
 
 class SOPSamples:
@@ -73,40 +85,54 @@ class SOPSamples:
         return len(self.index)
 
     def build(self, sample: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in self.build_batch([sample], [rng]).items()}
+
+    def build_batch(
+        self, samples: Sequence[int], rngs: Iterable[np.random.Generator]
+    ) -> dict[str, np.ndarray]:
+        """Samples as (B, T) arrays (sop_labels (B,)), sample b built with the b-th
+        generator of `rngs`."""
+        B, T = len(samples), self.seq_length
+        input_ids_BT = np.full((B, T), self.pad, dtype=np.int64)
+        input_ids_BT[:, 0] = self.cls
+        len_a_B, len_b_B = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
+        swapped_B = np.zeros(B, dtype=np.int64)
+        for i, (sample, rng) in enumerate(zip(samples, rngs, strict=True)):
+            a, b, swapped_B[i] = self._segments(int(sample), rng)
+            n_a, n_b = len(a), len(b)
+            len_a_B[i], len_b_B[i] = n_a, n_b
+            row = input_ids_BT[i]
+            row[1 : 1 + n_a] = a
+            row[1 + n_a] = self.sep
+            row[2 + n_a : 2 + n_a + n_b] = b
+            row[2 + n_a + n_b] = self.sep
+        t_T = np.arange(T)
+        used_B = 3 + len_a_B + len_b_B
+        return {
+            "input_ids": input_ids_BT,
+            "token_type_ids": ((t_T >= 2 + len_a_B[:, None]) & (t_T < used_B[:, None])).astype(
+                np.int64
+            ),
+            "attention_mask": (t_T < used_B[:, None]).astype(np.int64),
+            "sop_labels": swapped_B,
+        }
+
+    def _segments(
+        self, sample: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Segments A and B of a sample, truncated to fit, and whether they were swapped."""
         doc, first, count = (int(v) for v in self.index[sample])
-        sentences = self.shards.sentences(doc, first, count)
+        tokens, offsets = self.shards.chunk(doc, first, count)
         if count >= 2:
-            cut = int(rng.integers(1, count))
-            a, b = np.concatenate(sentences[:cut]), np.concatenate(sentences[cut:])
+            cut = int(offsets[int(rng.integers(1, count))])
         else:
-            tokens = sentences[0]
             cut = int(rng.integers(1, len(tokens)))
-            a, b = tokens[:cut], tokens[cut:]
+        a, b = tokens[:cut], tokens[cut:]
         swapped = bool(rng.random() < 0.5)
         if swapped:
             a, b = b, a
         a, b = _truncate_pair(a, b, self.max_tokens, rng)
-        return self._assemble(a, b, swapped)
-
-    def _assemble(self, a: np.ndarray, b: np.ndarray, swapped: bool) -> dict[str, np.ndarray]:
-        T, n_a, n_b = self.seq_length, len(a), len(b)
-        input_ids = np.full(T, self.pad, dtype=np.int64)
-        input_ids[0] = self.cls
-        input_ids[1 : 1 + n_a] = a
-        input_ids[1 + n_a] = self.sep
-        input_ids[2 + n_a : 2 + n_a + n_b] = b
-        input_ids[2 + n_a + n_b] = self.sep
-        used = 3 + n_a + n_b
-        token_type_ids = np.zeros(T, dtype=np.int64)
-        token_type_ids[2 + n_a : used] = 1
-        attention_mask = np.zeros(T, dtype=np.int64)
-        attention_mask[:used] = 1
-        return {
-            "input_ids": input_ids,
-            "token_type_ids": token_type_ids,
-            "attention_mask": attention_mask,
-            "sop_labels": np.int64(swapped),
-        }
+        return a, b, swapped
 
 
 class CausalSamples:
@@ -141,3 +167,8 @@ class CausalSamples:
         start = sample * self.seq_length
         stream = self._stream(start, start + self.seq_length + 1)
         return {"input_ids": stream[:-1], "labels": stream[1:]}
+
+    def build_batch(self, samples: Sequence[int], rngs=None) -> dict[str, np.ndarray]:
+        """Samples as (B, T) arrays (they draw nothing at random: `rngs` is unused)."""
+        rows = [self.build(int(sample)) for sample in samples]
+        return {k: np.stack([row[k] for row in rows]) for k in ("input_ids", "labels")}

@@ -14,7 +14,7 @@ from pretrain.data.sources import DataError
 
 @dataclass(frozen=True)
 class _Shard:
-    tokens: np.ndarray  # memmap (N,)
+    tokens: np.ndarray  # (N,), memory-mapped
     sentences: np.ndarray  # (S+1,) token offsets
     documents: np.ndarray  # (D+1,) sentence offsets
 
@@ -93,7 +93,9 @@ class TokenShards:
         tokens = (
             np.memmap(paths[0], dtype=self.dtype, mode="r") if actual else np.zeros(0, self.dtype)
         )
-        return _Shard(tokens, sentences, documents)
+        # Plain ndarray views of the maps (the map stays open as their base): slicing a
+        # np.memmap costs several times more, and a sample takes several slices.
+        return _Shard(np.asarray(tokens), np.asarray(sentences), np.asarray(documents))
 
     @property
     def num_documents(self) -> int:
@@ -108,12 +110,19 @@ class TokenShards:
         first, last = shard.documents[local], shard.documents[local + 1]
         return np.diff(shard.sentences[first : last + 1])
 
-    def sentences(self, doc: int, first: int, count: int) -> list[np.ndarray]:
-        """Token arrays of sentences [first, first + count) of document `doc`."""
+    def chunk(self, doc: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens of sentences [first, first + count) of document `doc` (one slice: a
+        document's sentences lie end to end), and (count + 1,) where each begins in it."""
         shard, local = self._locate(doc)
         base = int(shard.documents[local]) + first
         offsets = shard.sentences[base : base + count + 1]
-        return [shard.tokens[offsets[i] : offsets[i + 1]] for i in range(count)]
+        start = int(offsets[0])
+        return shard.tokens[start : int(offsets[-1])], offsets - start
+
+    def sentences(self, doc: int, first: int, count: int) -> list[np.ndarray]:
+        """Token arrays of sentences [first, first + count) of document `doc`."""
+        tokens, offsets = self.chunk(doc, first, count)
+        return [tokens[offsets[i] : offsets[i + 1]] for i in range(count)]
 
     def document_tokens(self, doc: int) -> np.ndarray:
         shard, local = self._locate(doc)

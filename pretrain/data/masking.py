@@ -103,13 +103,11 @@ def mask_tokens(
         tokens_T.ndim == 1 and word_start_T.shape == tokens_T.shape,
         f"tokens {tokens_T.shape} and word_start {word_start_T.shape} must be matching 1-D",
     )
-    word_of_T, word_len_W = _group_words(tokens_T, word_start_T, spec)
-    budget = _num_to_predict(int(word_len_W.sum()), spec)
-    covered_W, span_lengths = _choose_spans(word_len_W, budget, spec.max_ngram, rng)
-    # Index -1 (special tokens) lands on the appended False: specials are never selected.
-    selected_T = np.append(covered_W, False)[word_of_T]
-    labels_T = np.where(selected_T, tokens_T, IGNORE_INDEX).astype(np.int64)
-    input_ids_T = _corrupt(tokens_T, np.flatnonzero(selected_T), spec, rng)
+    span_lengths: list[int] = []
+    input_ids_BT, labels_BT = mask_batch(
+        tokens_T[None], word_start_T[None], spec, [rng], spans=[span_lengths]
+    )
+    input_ids_T, labels_T = input_ids_BT[0], labels_BT[0]
     return MaskedSample(input_ids=input_ids_T, labels=labels_T, span_lengths=span_lengths)
 
 
@@ -118,12 +116,14 @@ def mask_batch(
     word_start_BT: np.ndarray,
     spec: MaskingSpec,
     rngs: Iterable[np.random.Generator],
+    spans: list[list[int]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`mask_tokens` over a micro-batch: row b masked with the b-th generator of `rngs`,
-    exactly as `mask_tokens(tokens_BT[b], word_start_BT[b], spec, rng)` masks it.
+    as a sample alone would be (its draws come from its generator only, in its order).
 
     Words, budgets and the corruption are computed for all rows at once; only the visit of
-    start words (a short loop over each row's own random order) runs per row.
+    start words (a short loop over each row's own random order) runs per row. With
+    `spans`, one list per row, each row's accepted span lengths are appended to its list.
     Returns int64 (B, T) input ids and labels.
     """
     tokens_BT = np.asarray(tokens_BT)
@@ -151,8 +151,9 @@ def mask_batch(
         n_selected = 0
         if budget and n_words:
             starts, ngrams = _draw_spans(n_words, spec.max_ngram, rng)
-            n_selected = _visit(starts, ngrams, cum, covered, lo, budget)
-        # _corrupt's draws, in its order: one uniform per selected token, then the ids.
+            row_spans = spans[b] if spans is not None else None
+            n_selected = _visit(starts, ngrams, cum, covered, lo, budget, row_spans)
+        # The corruption's draws: one uniform per selected token, then the random ids.
         u_P = rng.random(n_selected)
         u_parts.append(u_P)
         random_parts.append(_random_normal_ids(int((u_P >= _REPLACE_FROM).sum()), spec, rng))
@@ -171,45 +172,12 @@ def mask_batch(
     return input_ids_BT, labels_BT
 
 
-def _group_words(
-    tokens_T: np.ndarray, word_start_T: np.ndarray, spec: MaskingSpec
-) -> tuple[np.ndarray, np.ndarray]:
-    """Word index of every token (-1 for special tokens) and the length of every word."""
-    real_T = ~np.isin(tokens_T, _specials_array(spec.special_ids))
-    if spec.whole_word:
-        # A continuation piece after a special token (or at position 0) has no word to join.
-        prev_real_T = np.concatenate(([False], real_T[:-1]))
-        starts_T = real_T & (word_start_T | ~prev_real_T)
-    else:
-        starts_T = real_T
-    word_of_T = np.cumsum(starts_T) - 1
-    word_of_T[~real_T] = -1
-    word_len_W = np.bincount(word_of_T[real_T], minlength=int(starts_T.sum()))
-    return word_of_T, word_len_W
-
-
 def _num_to_predict(n_real: int, spec: MaskingSpec) -> int:
     """The token budget: mask_prob of the real tokens, at least 1, at most the cap."""
     if n_real == 0 or spec.mask_prob == 0.0:
         return 0
     # Python 3's round (half to even), as the original script gets.
     return min(spec.max_predictions, max(1, round(n_real * spec.mask_prob)))
-
-
-def _choose_spans(
-    word_len_W: np.ndarray, budget: int, max_ngram: int, rng: np.random.Generator
-) -> tuple[np.ndarray, list[int]]:
-    """Visit start words in random order, taking a span of words at each while budget lasts.
-
-    Returns which words are covered (bool (W,)) and the accepted span lengths in words.
-    """
-    n_words = len(word_len_W)
-    covered = [False] * n_words
-    spans: list[int] = []
-    if budget and n_words:
-        cum = [0, *np.cumsum(word_len_W).tolist()]
-        _visit(*_draw_spans(n_words, max_ngram, rng), cum, covered, 0, budget, spans)
-    return np.array(covered, dtype=bool), spans
 
 
 def _draw_spans(n_words: int, max_ngram: int, rng: np.random.Generator) -> tuple[list, list]:
@@ -265,18 +233,6 @@ def _ngram_cdf(max_ngram: int) -> np.ndarray:
     # The last entry of each row stays exactly 1.0 so that u < 1 never runs past k.
     cdf_KN.flags.writeable = False
     return cdf_KN
-
-
-def _corrupt(
-    tokens_T: np.ndarray, selected_P: np.ndarray, spec: MaskingSpec, rng: np.random.Generator
-) -> np.ndarray:
-    """80% of the selected positions -> [MASK], 10% unchanged, 10% a random normal token."""
-    input_ids_T = tokens_T.astype(np.int64, copy=True)
-    u_P = rng.random(len(selected_P))
-    input_ids_T[selected_P[u_P < _MASK_FRACTION]] = spec.mask_id
-    random_R = selected_P[u_P >= _REPLACE_FROM]
-    input_ids_T[random_R] = _random_normal_ids(len(random_R), spec, rng)
-    return input_ids_T
 
 
 def _random_normal_ids(n: int, spec: MaskingSpec, rng: np.random.Generator) -> np.ndarray:

@@ -5,6 +5,8 @@
         [--model-type unigram|bpe] [--lowercase] [--input-sentence-size N] [--text-field text]
     pretrain preprocess --input corpus/ extra.jsonl --tokenizer tok/ --output shards/
         [--num-proc N] [--text-field text] [--held-out 0.01 | --held-out 50]
+        [--num-parts N --part I]
+    pretrain preprocess --merge parts/part-* --output shards/
 
 (`python tools/prepare_corpus.py`, `python tokenizer/train.py` and `python tools/preprocess.py`
 run the same.) Inputs are .txt (one document per file), .jsonl/.json, .csv, .parquet files,
@@ -20,8 +22,8 @@ import time
 from pathlib import Path
 
 from pretrain.data.corpus import copy_default_corpus
-from pretrain.data.preprocess import DEFAULT_SHARD_TOKENS, preprocess
-from pretrain.data.sources import DataError, ReadReport, iter_documents
+from pretrain.data.preprocess import DEFAULT_SHARD_TOKENS, merge, preprocess
+from pretrain.data.sources import DataError, Part, ReadReport, iter_documents
 from pretrain.data.tokenizer import info_file, train_tokenizer
 
 INPUT_HELP = (
@@ -88,9 +90,11 @@ def preprocess_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="pretrain preprocess",
         description="tokenize raw text into memory-mapped token shards for pretraining",
+        epilog="Across nodes: run each part (--num-parts N --part I, one SLURM array task"
+        " each: launch/preprocess.sbatch), then --merge PART... --output DIR.",
     )
-    parser.add_argument("--input", nargs="+", required=True, help=INPUT_HELP)
-    parser.add_argument("--tokenizer", required=True, help="folder from pretrain tokenizer")
+    parser.add_argument("--input", nargs="+", help=INPUT_HELP)
+    parser.add_argument("--tokenizer", help="folder from pretrain tokenizer")
     parser.add_argument("--output", required=True, help="new folder for the shards")
     parser.add_argument("--num-proc", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--text-field", default="text", help="field/column holding the text")
@@ -99,23 +103,46 @@ def preprocess_main(argv: list[str]) -> int:
         "--held-out",
         type=float,
         default=0.0,
-        help="documents held out for evaluation: a fraction (< 1) or a count (>= 1)",
+        help="documents held out for evaluation: a fraction (< 1) or a count (>= 1), chosen"
+        " by a hash of each document's text and --seed",
     )
     parser.add_argument("--seed", type=int, default=1234, help="seed of the held-out choice")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
+    parser.add_argument(
+        "--num-parts", type=int, default=1, help="split the input files into N parts"
+    )
+    parser.add_argument("--part", type=int, default=0, help="the part (0..N-1) this command writes")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="PART",
+        help="join the folders of every part into --output instead of tokenizing",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    meta = preprocess(
-        args.input,
-        args.tokenizer,
-        args.output,
-        text_field=args.text_field,
-        streaming=args.streaming,
-        num_proc=args.num_proc,
-        held_out=args.held_out,
-        seed=args.seed,
-        shard_tokens=args.shard_tokens,
-    )
+    if args.merge:
+        given = [f"--{k}" for k in ("input", "tokenizer") if getattr(args, k)]
+        if given or args.num_parts != 1:
+            raise DataError(
+                f"--merge joins finished parts; drop {' and '.join(given) or '--num-parts'}"
+            )
+        meta = merge(args.merge, args.output)
+    else:
+        missing = [f"--{k}" for k in ("input", "tokenizer") if not getattr(args, k)]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)}")
+        meta = preprocess(
+            args.input,
+            args.tokenizer,
+            args.output,
+            text_field=args.text_field,
+            streaming=args.streaming,
+            num_proc=args.num_proc,
+            held_out=args.held_out,
+            seed=args.seed,
+            shard_tokens=args.shard_tokens,
+            part=Part(args.part, args.num_parts),
+        )
     elapsed = time.perf_counter() - start
     read = meta["read"]
     for reason, n in read["skipped"].items():
@@ -128,7 +155,6 @@ def preprocess_main(argv: list[str]) -> int:
             f" {split['tokens']} tokens in {len(split['shards'])} shard(s)"
         )
     tokens = sum(s["tokens"] for s in meta["splits"].values())
-    print(
-        f"wrote {args.output} ({meta['dtype']}) in {elapsed:.1f}s, {tokens / elapsed:,.0f} tokens/s"
-    )
+    what = f"part {args.part} of {args.num_parts}" if "part" in meta else meta["dtype"]
+    print(f"wrote {args.output} ({what}) in {elapsed:.1f}s, {tokens / elapsed:,.0f} tokens/s")
     return 0

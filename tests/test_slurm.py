@@ -213,3 +213,36 @@ def test_a_bad_config_fails_the_job_with_one_line_in_its_output(cluster, shards_
     assert "error: engine.zero_stage: 5 is not one of 0 | 1 | 2 | 3" in output
     assert "Traceback" not in output
     assert not (tmp_path / "slurm-logs" / job).exists()  # no task was started
+
+
+def test_preprocess_array_job_writes_the_parts_and_merges_them(
+    cluster, corpus_dir, tokenizer_dir, tmp_path
+):
+    from test_data import files_of
+
+    from pretrain.data.preprocess import preprocess
+
+    flags = ["--held-out", "0.2", "--shard-tokens", "3000"]
+    out = tmp_path / "data"
+    command = [
+        "sbatch", "--parsable", "--array=0-2", f"--chdir={tmp_path}",
+        f"--output={tmp_path}/slurm-%A_%a.out", str(REPO / "launch" / "preprocess.sbatch"),
+        str(out), "--input", str(corpus_dir), "--tokenizer", str(tokenizer_dir), *flags,
+    ]  # fmt: skip
+    env = {**cluster, "PYTHON": str(Path(os.sys.executable))}
+    job = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    job = job.stdout.strip()
+
+    def queued() -> bool:
+        listed = subprocess.run(["squeue", "-h", "-j", job], env=cluster, capture_output=True)
+        return bool(listed.stdout.strip())
+
+    wait_for(lambda: not queued(), 300, f"array job {job}")
+    outputs = [(tmp_path / f"slurm-{job}_{i}.out").read_text() for i in range(3)]
+    assert all(f"part {i} of 3" in text for i, text in enumerate(outputs)), outputs
+    assert sum("merging into" in text for text in outputs) == 1, outputs
+    assert sorted(p.name for p in (tmp_path / "data.parts").iterdir()) == [
+        "part-00000", "part-00001", "part-00002",
+    ]  # fmt: skip
+    preprocess([str(corpus_dir)], tokenizer_dir, tmp_path / "one", held_out=0.2, shard_tokens=3000)
+    assert files_of(out) == files_of(tmp_path / "one")

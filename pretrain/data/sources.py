@@ -14,11 +14,13 @@ makes the whole input unusable is a `DataError` naming the file and the fix.
 
 from __future__ import annotations
 
+import bisect
 import bz2
 import codecs
 import glob
 import gzip
 import io
+import itertools
 import json
 import lzma
 import re
@@ -488,15 +490,68 @@ def _read_hub(
     yield from _rows(ds, str(source), text_field, report)
 
 
+@dataclass(frozen=True)
+class Part:
+    """Part `index` of `count`: a contiguous run of the expanded inputs, balanced by bytes,
+    so that the parts read in order are the inputs in order (pretrain.data.preprocess)."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise DataError(
+                f"--part {self.index} of --num-parts {self.count}: give 0 <= part < num-parts"
+            )
+
+    def select(self, inputs: list[Input], report: ReadReport) -> list[Input]:
+        if self.count == 1:
+            return inputs
+        hub = [str(i) for i in inputs if isinstance(i, HubInput)]
+        if hub:
+            raise DataError(
+                f"input {hub[0]} is one dataset and cannot be split into --num-parts; save it"
+                " as files (e.g. Dataset.to_json in pieces) or preprocess it in one part"
+            )
+        if len(inputs) < self.count:
+            raise DataError(
+                f"--num-parts {self.count} needs at least as many input files; the inputs hold"
+                f" {len(inputs)}: split them (e.g. `split -n l/{self.count}`) or use fewer parts"
+            )
+        if self.index:  # the unreadable files of a folder are reported once, by part 0
+            report.ignored_files.clear()
+        bounds = part_bounds([_size(i) for i in inputs], self.count)
+        return inputs[bounds[self.index] : bounds[self.index + 1]]
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def part_bounds(sizes: list[int], count: int) -> list[int]:
+    """Boundaries b_0 = 0 < b_1 < ... < b_count = len(sizes) cutting `sizes` into `count`
+    contiguous runs of about equal sum, none empty."""
+    cumulative = list(itertools.accumulate(sizes, initial=0))
+    bounds = [0]
+    for i in range(1, count):
+        first = bisect.bisect_left(cumulative, cumulative[-1] * i / count)
+        bounds.append(min(max(first, bounds[-1] + 1), len(sizes) - (count - i)))
+    return [*bounds, len(sizes)]
+
+
 def iter_documents(
     paths: Iterable[str | Path],
     text_field: str,
     report: ReadReport,
     streaming: bool = False,
+    part: Part = Part(),
 ) -> Iterator[str]:
-    """Documents of every input in order; `report` counts what was skipped. `streaming`:
-    `hf:` datasets are streamed from the cache's files rather than opened as tables."""
-    for path in expand_inputs(paths, report):
+    """Documents of every input in order (of `part` of the inputs only); `report` counts what
+    was skipped. `streaming`: `hf:` datasets are streamed from the cache's files rather than
+    opened as tables."""
+    for path in part.select(expand_inputs(paths, report), report):
         report.files += 1
         if isinstance(path, HubInput):
             docs = _read_hub(path, text_field, streaming, report)

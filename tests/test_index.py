@@ -55,6 +55,25 @@ def test_vectorised_chunks_are_those_of_a_sentence_walk(seed):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("block,passes", [(7, 2), (1, 0), (64, 1024)])
+def test_blocks_of_draws_and_doubling_cut_the_same_chunks(monkeypatch, block, passes):
+    """Targets drawn a block at a time and walks finished by doubling (both at sizes tests
+    cannot reach otherwise) give the chunks of the one-shot draws and the plain walk."""
+    monkeypatch.setattr(index_module, "BLOCK", block)
+    monkeypatch.setattr(index_module, "WALK_PASSES", passes)
+    rng = np.random.default_rng(7)
+    docs = rng.integers(0, 60, size=20)
+    doc_offsets = np.concatenate([[0], np.cumsum(docs)])
+    sizes = [1, 2, 3, 9, 40] + [0] * (block == 64)  # empty sentences: no bounded stretch
+    lengths = rng.choice(sizes, size=int(docs.sum()))
+    for max_tokens, short in ((45, 0.1), (6, 0.5)):
+        got = sop_chunks(lengths, doc_offsets, max_tokens, short, 3)
+        want = walk(lengths, doc_offsets, max_tokens, short, 3)
+        np.testing.assert_array_equal(got[0], want[0])
+        assert got[1] == want[1]
+
+
+@pytest.mark.unit
 def test_the_index_is_built_once_and_read_back(tmp_path):
     calls = []
 

@@ -44,6 +44,11 @@ def chunk_targets(sentences: int, max_tokens: int, short_seq_prob: float, seed: 
     return target_S
 
 
+BLOCK = 1 << 20
+"""Sentences handled at a time where the whole split need not be: a block's searches stay in
+cache, and no float, target or end array of the whole split is made."""
+
+
 def sop_chunks(
     lengths: np.ndarray,
     doc_offsets: np.ndarray,
@@ -58,39 +63,92 @@ def sop_chunks(
 
     `lengths`: tokens of every sentence of the split in order, (S,); `doc_offsets`: the
     first sentence of each document, and S, (D + 1,)."""
-    S = len(lengths)
+    cum_S1 = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    return chunks_of(cum_S1, doc_offsets, max_tokens, short_seq_prob, seed)
+
+
+def chunks_of(
+    cum_S1: np.ndarray,
+    doc_offsets: np.ndarray,
+    max_tokens: int,
+    short_seq_prob: float,
+    seed: int,
+) -> tuple[np.ndarray, int]:
+    """sop_chunks from the token offset of each sentence of the split, and the end: (S + 1,)."""
+    S = len(cum_S1) - 1
     if S == 0:
         return np.zeros((0, 3), dtype=np.int64), 0
-    target_S = chunk_targets(S, max_tokens, short_seq_prob, seed)
-    cum = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    # A chunk starting at s ends at the first sentence whose end reaches s's target, or at
-    # the document's last sentence. (Intermediates are freed early: at a billion tokens
-    # each (S,) array is several hundred MB.)
-    end_S = np.searchsorted(cum, cum[:-1] + target_S, side="left") - 1
-    del cum, target_S
-    sentences_per_doc = np.diff(doc_offsets)
-    last_S = np.repeat(doc_offsets[1:] - 1, sentences_per_doc)
-    np.minimum(end_S, last_S, out=end_S)
-    # The walk of each document ends at the sink S: passes then grow with its chunks only.
-    jump = np.append(np.where(end_S == last_S, S, end_S + 1), S)
-    del last_S
-    reached = _reached(jump, doc_offsets[:-1][sentences_per_doc > 0])
-    del jump
+    jump = _jumps(cum_S1, doc_offsets, max_tokens, short_seq_prob, seed)
+    reached = _reached(jump, doc_offsets[:-1][np.diff(doc_offsets) > 0])
     start_K = np.flatnonzero(reached[:S])
-    count_K = end_S[start_K] - start_K + 1
-    keep_K = (count_K >= 2) | (lengths[start_K] >= 2)
-    start_K, count_K = start_K[keep_K], count_K[keep_K]
+    del reached
     doc_K = np.searchsorted(doc_offsets, start_K, side="right") - 1
+    after_K = jump[start_K].astype(np.int64)  # the sink S: the chunk ends its document
+    del jump
+    after_K = np.where(after_K == S, doc_offsets[doc_K + 1], after_K)
+    count_K = after_K - start_K
+    keep_K = (count_K >= 2) | (cum_S1[start_K + 1] - cum_S1[start_K] >= 2)
+    start_K, count_K, doc_K = start_K[keep_K], count_K[keep_K], doc_K[keep_K]
     rows = np.stack([doc_K, start_K - doc_offsets[doc_K], count_K], axis=1)
     return rows.astype(np.int64), int((~keep_K).sum())
 
 
+def _jumps(
+    cum_S1: np.ndarray, doc_offsets: np.ndarray, max_tokens: int, short_seq_prob: float, seed: int
+) -> np.ndarray:
+    """(S + 1,) where the walk of chunks goes from a chunk starting at each sentence: the
+    sentence after its end, or the sink S where it ends its document (the sink maps to
+    itself). A chunk from s ends at the first sentence whose end reaches s's target (the
+    draws of chunk_targets, taken a block at a time), or at its document's last sentence."""
+    S = len(cum_S1) - 1
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0, 4]))
+    short_S = np.empty(S, dtype=bool)
+    for a in range(0, S, BLOCK):  # the uniform stream drawn in blocks is the same stream
+        short_S[a : a + BLOCK] = rng.random(min(BLOCK, S - a)) < short_seq_prob
+    short_values = rng.integers(2, max_tokens + 1, size=int(short_S.sum()))
+    jump = np.empty(S + 1, dtype=np.int64 if S >= 2**31 - 1 else np.int32)
+    jump[S], taken = S, 0
+    for a in range(0, S, BLOCK):
+        b = min(a + BLOCK, S)
+        target = np.full(b - a, max_tokens, dtype=np.int64)
+        short = short_S[a:b]
+        count = int(np.count_nonzero(short))
+        target[short] = short_values[taken : taken + count]
+        taken += count
+        # Sentences of a token or more: a chunk ends within max_tokens sentences of its
+        # start, so the block searches its own stretch of the offsets only.
+        stretch = cum_S1[a : min(b + max_tokens + 1, S + 1)]
+        if not np.all(stretch[1:] > stretch[:-1]):
+            stretch = cum_S1[a:]
+        end = np.searchsorted(stretch, cum_S1[a:b] + target, side="left") + (a - 1)
+        doc = np.searchsorted(doc_offsets, np.arange(a, b), side="right") - 1
+        last = doc_offsets[doc + 1] - 1
+        np.minimum(end, last, out=end)
+        jump[a:b] = np.where(end == last, S, end + 1)
+    return jump
+
+
+WALK_PASSES = 1024
+"""Passes of the plain walk before _reached turns to pointer doubling."""
+
+
 def _reached(jump: np.ndarray, roots: np.ndarray) -> np.ndarray:
     """Which nodes the walks node -> jump[node] from `roots` pass through (the last node,
-    the sink, maps to itself), by doubling: after pass k every node fewer than 2^k jumps
-    away is marked."""
+    the sink, maps to itself). The walks advance one jump a pass, all at once, and each
+    pass touches only the walks still going: chunks in all plus a pass per chunk of the
+    longest document. Documents of more than WALK_PASSES chunks finish by doubling: after
+    pass k every node fewer than 2^k jumps away is marked."""
+    sink = len(jump) - 1
     reached = np.zeros(len(jump), dtype=bool)
     reached[roots] = True
+    front = roots[roots != sink]
+    for _ in range(WALK_PASSES):
+        front = jump[front]
+        front = front[front != sink]
+        if len(front) == 0:
+            reached[sink] = True
+            return reached
+        reached[front] = True
     while True:
         marked = np.flatnonzero(reached)
         ahead = jump[marked]

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from pretrain.data.index import shards_identity, shared_index, sop_chunks
+from pretrain.data.index import chunks_of, shards_identity, shared_index
 from pretrain.data.shards import TokenShards
 
 
@@ -70,10 +70,8 @@ class SOPSamples:
         }
 
         def build() -> tuple[np.ndarray, dict]:
-            lengths, doc_offsets = shards.sentence_table()
-            rows, too_short = sop_chunks(
-                lengths, doc_offsets, self.max_tokens, short_seq_prob, seed
-            )
+            cum_S1, doc_offsets = shards.sentence_offsets()
+            rows, too_short = chunks_of(cum_S1, doc_offsets, self.max_tokens, short_seq_prob, seed)
             return rows, {"too_short": too_short}
 
         self.index, info = shared_index(shards.directory, f"{shards.split}-sop", key, build)

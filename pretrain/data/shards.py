@@ -129,16 +129,19 @@ class TokenShards:
         first, last = shard.documents[local], shard.documents[local + 1]
         return shard.tokens[shard.sentences[first] : shard.sentences[last]]
 
-    def sentence_table(self) -> tuple[np.ndarray, np.ndarray]:
-        """int64 (S,) tokens of every sentence across all shards, and (D + 1,) the first
-        sentence of each document (then S)."""
-        lengths, starts, base = [], [], 0
+    def sentence_offsets(self) -> tuple[np.ndarray, np.ndarray]:
+        """int64 (S + 1,) token offset of every sentence across all shards as if they were
+        one, then the end; and (D + 1,) the first sentence of each document (then S)."""
+        S = sum(len(shard.sentences) - 1 for shard in self._shards)
+        cum_S1 = np.zeros(S + 1, dtype=np.int64)
+        starts, base, tokens = [], 0, 0
         for shard in self._shards:
-            offsets = np.asarray(shard.sentences, dtype=np.int64)
-            lengths.append(np.diff(offsets))
+            offsets = shard.sentences
+            count = len(offsets) - 1
+            np.add(offsets[1:], tokens - int(offsets[0]), out=cum_S1[base + 1 : base + 1 + count])
             starts.append(np.asarray(shard.documents[:-1], dtype=np.int64) + base)
-            base += len(offsets) - 1
-        return np.concatenate(lengths), np.concatenate([*starts, [base]]).astype(np.int64)
+            base, tokens = base + count, int(cum_S1[base + count])
+        return cum_S1, np.concatenate([*starts, [base]]).astype(np.int64)
 
     def document_lengths(self) -> np.ndarray:
         """int64 (D,) tokens per document, across all shards."""

@@ -158,3 +158,18 @@ def test_parts_and_merge_from_the_command_line(
     )
     assert "missing [1]" in line
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.e2e
+def test_the_bench_finds_every_variant_alike_and_no_copy_of_the_text(
+    corpus_dir, tokenizer_dir, cli
+):
+    result = cli(
+        "tools/bench_preprocess.py", "--input", str(corpus_dir), "--tokenizer",
+        str(tokenizer_dir), "--num-proc", "1", "--parts", "2", "--held-out", "0.2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "every variant's folder identical: True" in result.stdout
+    one = next(line for line in result.stdout.splitlines() if line.startswith("1 command"))
+    peak_mb, output_mb = map(float, one.split()[-2:])
+    assert 0 < peak_mb <= output_mb  # the output is all the disk a run uses

@@ -2,14 +2,15 @@
 process keeps a GPU fed.
 
     python tools/bench_data.py [CONFIG ...] [--seq-length T] [--gpu h100] [--mfu 0.5]
-        [--workdir data/bench] [--num-proc 2] [--no-preprocess]
+        [--workdir data/bench] [--num-proc 2] [--no-preprocess] [--data DIR]
 
 Prints preprocessing throughput (tokens/s with 1 and --num-proc processes) and, for each
 CONFIG (default: albert-base.yaml at T 128 and 512, llama-small.yaml at 512), the samples/s
 one loader process builds (the trainer's own path: order, sample, mask, collate; one
 thread), beside the samples/s one GPU consumes: its datasheet bf16 peak times --mfu over
 the config's training FLOPs per token (pretrain.model.accounting), and so how many loader
-processes (`data.num_workers`) it needs.
+processes (`data.num_workers`) it needs. `--data DIR` times the loader on that data folder
+(e.g. a tile of the corpus: tools/tile_shards.py) instead, with no preprocessing.
 """
 
 from __future__ import annotations
@@ -109,14 +110,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", default="data/bench", help="corpus, tokenizer and shards")
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--no-preprocess", action="store_true", help="time the loader only")
+    parser.add_argument("--data", help="a preprocessed data folder to time the loader on")
     args = parser.parse_args(argv)
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu {args.mfu} must be in (0, 1]")
     torch.set_num_threads(1)
     work = Path(args.workdir)
     corpus, tokenizer, shards = work / "corpus", work / "tokenizer", work / "shards"
-    copy_default_corpus(corpus)
-    if not info_file(tokenizer).exists():
+    if args.data:
+        shards, args.no_preprocess = Path(args.data), True
+        read_metadata(shards)  # one clear error for a folder that holds no shards
+    if not args.data:
+        copy_default_corpus(corpus)
+    if not args.data and not info_file(tokenizer).exists():
         docs = iter_documents([corpus], "text", ReadReport())
         _, seconds = timed(lambda: train_tokenizer(docs, tokenizer, vocab_size=8000))
         print(f"tokenizer: unigram 8000 trained in {seconds:.1f}s")
@@ -128,7 +134,7 @@ def main(argv: list[str]) -> int:
                 f"num_proc {num_proc}: {tokens:,} tokens in {seconds:.2f}s"
                 f" = {tokens / seconds:,.0f} tokens/s"
             )
-    if not args.no_preprocess or not shards.exists():
+    if not args.data and (not args.no_preprocess or not shards.exists()):
         if shards.exists():
             shutil.rmtree(shards)
         preprocess([str(corpus)], tokenizer, shards, num_proc=args.num_proc)

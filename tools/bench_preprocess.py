@@ -1,7 +1,7 @@
 """Preprocessing throughput and disk: one process, tokenizer processes, and parts.
 
     python tools/bench_preprocess.py --input CORPUS --tokenizer TOK [--num-proc 1 2]
-        [--parts 2 4] [--held-out 0.01]
+        [--parts 2 4] [--held-out 0.05]
 
 Each variant runs `pretrain preprocess` into a fresh folder under a temporary root: with
 --num-proc C (one command, C tokenizer processes), or as N parts (N commands at once, one
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--parts", type=int, nargs="+", default=[2])
-    parser.add_argument("--held-out", type=float, default=0.01)
+    parser.add_argument("--held-out", type=float, default=0.05)
     args = parser.parse_args(argv)
     variants = [(f"1 command, {c} tokenizer proc", 1, c) for c in args.num_proc]
     variants += [(f"{n} parts + merge", n, 1) for n in args.parts]

@@ -393,3 +393,17 @@ def test_warmup_longer_than_the_run_is_refused():
     overrides = ["--optim.warmup_steps=11", "--train.max_steps=10"]
     with pytest.raises(ConfigError, match=r"optim.warmup_steps \(11\).*train.max_steps \(10\)"):
         load_config(overrides=overrides)
+
+
+@pytest.mark.unit
+def test_a_partition_map_is_runs_of_tensors_not_an_index_per_element():
+    from pretrain.engine.optim import Partition
+
+    # A slice of 20: padding 0-1, tensor 2 at 2-6, tensor 0 at 7-9, a gap 10-14, tensor 1
+    # at 15-17, padding to the end; an empty piece leaves no run.
+    pieces = [(15, 3, 1), (2, 5, 2), (7, 3, 0), (9, 0, 3)]
+    part = Partition.from_pieces(20, pieces, 4, None, torch.device("cpu"))
+    assert part.owners.tolist() == [4, 2, 0, 4, 1, 4]
+    assert part.lengths.tolist() == [2, 5, 3, 5, 3, 2]
+    per_element = torch.repeat_interleave(part.owners, part.lengths)
+    assert per_element.tolist() == [4, 4] + [2] * 5 + [0] * 3 + [4] * 5 + [1] * 3 + [4, 4]

@@ -58,16 +58,39 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 class Partition:
     """One rank's flat slice of a parameter group, as ZeRO hands it to the optimizer.
 
-    `owner[i]` is the index, within the group, of the tensor element i belongs to, and
-    `tensors` marks padding: a per-tensor sum over the slice is one index_add, and over the
-    whole tensor one all-reduce of those sums over `group`, run on `device` (where the
-    collective backend takes tensors: the accelerator even when the slice is offloaded).
+    The slice is `owners.numel()` runs laid end to end: run r is `lengths[r]` elements of
+    the tensor `owners[r]` (its index within the group; `tensors` marks padding). A
+    per-tensor sum over the slice is a sum per run and one index_add over the runs, and over
+    the whole tensor one all-reduce of those sums over `group`, run on `device` (where the
+    collective backend takes tensors: the accelerator even when the slice is offloaded). The
+    map costs O(tensors), not an index per element.
     """
 
-    owner: torch.Tensor  # (numel,) int64
+    owners: torch.Tensor  # (R,) int64
+    lengths: torch.Tensor  # (R,) int64, every run non-empty, summing to the slice's numel
     tensors: int
     group: Any  # torch.distributed.ProcessGroup
     device: torch.device
+
+    @classmethod
+    def from_pieces(
+        cls, numel: int, pieces: Iterable[tuple[int, int, int]], tensors: int, group, device
+    ) -> Partition:
+        """From (start, length, tensor index) of each tensor's piece of a slice of `numel`
+        elements on `device`; the elements no piece covers are padding."""
+        owners, lengths, at = [], [], 0
+        for start, length, index in sorted(p for p in pieces if p[1] > 0):
+            if start > at:
+                owners.append(tensors)
+                lengths.append(start - at)
+            owners.append(index)
+            lengths.append(length)
+            at = start + length
+        if at < numel:
+            owners.append(tensors)
+            lengths.append(numel - at)
+        on = {"dtype": torch.long, "device": device}
+        return cls(torch.tensor(owners, **on), torch.tensor(lengths, **on), tensors, group, device)
 
 
 class Lamb(torch.optim.Optimizer):
@@ -127,8 +150,10 @@ class Lamb(torch.optim.Optimizer):
             w_norm, u_norm = _norms_per_tensor(w, u, partition)
         # torch.where, not `if`: no device-to-host sync per tensor on GPU.
         ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
-        if partition is not None:
-            ratio = ratio[partition.owner]  # each element takes its own tensor's ratio
+        if partition is not None:  # each element takes its own tensor's ratio
+            ratio = torch.repeat_interleave(
+                ratio[partition.owners], partition.lengths, output_size=p.numel()
+            )
         p.sub_((u * (group["lr"] * ratio)).to(p.dtype))
 
     def _direction(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
@@ -159,9 +184,14 @@ def _norms_per_tensor(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """||w|| and ||u|| of every tensor with elements in a flat partition, each (tensors + 1,)
     with padding last: squares summed per tensor here, then over the ranks."""
+    per_run = torch.stack(
+        [
+            torch.segment_reduce(x.square(), "sum", lengths=partition.lengths)
+            for x in (w_flat, u_flat)
+        ]
+    )
     sums = torch.zeros(2, partition.tensors + 1, dtype=torch.float32, device=w_flat.device)
-    sums[0].index_add_(0, partition.owner, w_flat.square())
-    sums[1].index_add_(0, partition.owner, u_flat.square())
+    sums.index_add_(1, partition.owners, per_run)
     total = sums.to(partition.device)
     dist.all_reduce(total, group=partition.group)
     w_norm, u_norm = total.to(w_flat.device).sqrt()

@@ -51,13 +51,14 @@ def _from_fragments(param_lists, flats, groups) -> dict[int, Partition]:
     partition (`_hp_mapping`: start and length in the flat, None when it has no piece)."""
     out = {}
     for params, flat, group in zip(param_lists, flats, groups, strict=True):
-        owner = torch.full((flat.numel(),), len(params), dtype=torch.long, device=flat.device)
-        for index, p in enumerate(params):
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is not None:
-                where = mapping.hp_fragment_address
-                owner[where.start : where.start + where.numel] = index
-        out[id(flat)] = Partition(owner, len(params), group, _collective_device(flat))
+        pieces = [
+            (p._hp_mapping.hp_fragment_address.start, p._hp_mapping.hp_fragment_address.numel, i)
+            for i, p in enumerate(params)
+            if getattr(p, "_hp_mapping", None) is not None
+        ]
+        out[id(flat)] = Partition.from_pieces(
+            flat.numel(), pieces, len(params), group, _collective_device(flat)
+        )
     return out
 
 
@@ -70,12 +71,13 @@ def _zero3(ds_optimizer) -> dict[int, Partition]:
     for params, flat in zip(
         ds_optimizer.fp16_groups, ds_optimizer.fp32_partitioned_groups_flat, strict=True
     ):
-        owner = torch.full((flat.numel(),), len(params), dtype=torch.long, device=flat.device)
-        offset = 0
+        pieces, offset = [], 0
         for index, p in enumerate(params):
             piece = p.partition_numel()
             real = min(max(p.ds_numel - rank * piece, 0), piece)  # the rest is padding
-            owner[offset : offset + real] = index
+            pieces.append((offset, real, index))
             offset += piece
-        out[id(flat)] = Partition(owner, len(params), group, _collective_device(flat))
+        out[id(flat)] = Partition.from_pieces(
+            flat.numel(), pieces, len(params), group, _collective_device(flat)
+        )
     return out

@@ -98,6 +98,31 @@ def gpu_samples_per_s(gpu: str, mfu: float, flops_per_token: float, seq_length: 
     return peak * 1e12 * mfu / flops_per_token / seq_length
 
 
+def default_shards(work: Path, num_proc: int, no_preprocess: bool) -> Path:
+    """The default corpus, a tokenizer and shards under `work`; preprocessing is timed with
+    1 and `num_proc` processes first unless `no_preprocess` (then shards already there are
+    kept)."""
+    corpus, tokenizer, shards = work / "corpus", work / "tokenizer", work / "shards"
+    copy_default_corpus(corpus)
+    if not info_file(tokenizer).exists():
+        docs = iter_documents([corpus], "text", ReadReport())
+        _, seconds = timed(lambda: train_tokenizer(docs, tokenizer, vocab_size=8000))
+        print(f"tokenizer: unigram 8000 trained in {seconds:.1f}s")
+    if not no_preprocess:
+        print("== preprocessing (default corpus, reading + tokenizing + writing shards)")
+        for procs in sorted({1, num_proc}):
+            tokens, seconds = bench_preprocess(corpus, tokenizer, procs)
+            print(
+                f"num_proc {procs}: {tokens:,} tokens in {seconds:.2f}s"
+                f" = {tokens / seconds:,.0f} tokens/s"
+            )
+    if not no_preprocess or not shards.exists():
+        if shards.exists():
+            shutil.rmtree(shards)
+        preprocess([str(corpus)], tokenizer, shards, num_proc=num_proc)
+    return shards
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python tools/bench_data.py", description=__doc__.split("\n")[0]
@@ -115,29 +140,11 @@ def main(argv: list[str]) -> int:
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu {args.mfu} must be in (0, 1]")
     torch.set_num_threads(1)
-    work = Path(args.workdir)
-    corpus, tokenizer, shards = work / "corpus", work / "tokenizer", work / "shards"
     if args.data:
-        shards, args.no_preprocess = Path(args.data), True
+        shards = Path(args.data)
         read_metadata(shards)  # one clear error for a folder that holds no shards
-    if not args.data:
-        copy_default_corpus(corpus)
-    if not args.data and not info_file(tokenizer).exists():
-        docs = iter_documents([corpus], "text", ReadReport())
-        _, seconds = timed(lambda: train_tokenizer(docs, tokenizer, vocab_size=8000))
-        print(f"tokenizer: unigram 8000 trained in {seconds:.1f}s")
-    if not args.no_preprocess:
-        print("== preprocessing (default corpus, reading + tokenizing + writing shards)")
-        for num_proc in sorted({1, args.num_proc}):
-            tokens, seconds = bench_preprocess(corpus, tokenizer, num_proc)
-            print(
-                f"num_proc {num_proc}: {tokens:,} tokens in {seconds:.2f}s"
-                f" = {tokens / seconds:,.0f} tokens/s"
-            )
-    if not args.data and (not args.no_preprocess or not shards.exists()):
-        if shards.exists():
-            shutil.rmtree(shards)
-        preprocess([str(corpus)], tokenizer, shards, num_proc=args.num_proc)
+    else:
+        shards = default_shards(Path(args.workdir), args.num_proc, args.no_preprocess)
     runs = (
         [(resolve_config(c), args.seq_length) for c in args.configs]
         if args.configs

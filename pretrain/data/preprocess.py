@@ -374,19 +374,19 @@ def _check_parts(folders: list[Path]) -> list[tuple[Path, dict]]:
             f"--merge needs parts 0..{count - 1} of {count} once each; got parts {indices}"
             f"{f' (missing {missing})' if missing else ''}"
         )
-    same = ("tokenizer", "dtype", "text_field", "held_out", "seed")
+
+    def settings(meta: dict) -> dict:
+        same = ("tokenizer", "dtype", "text_field", "held_out", "seed")
+        return {k: meta[k] for k in same} | {"shard_tokens": meta["part"]["shard_tokens"]}
+
+    first = settings(metas[0][1])
     for folder, meta in metas[1:]:
-        for key in same:
-            if meta[key] != metas[0][1][key]:
+        for key, value in settings(meta).items():
+            if value != first[key]:
                 raise DataError(
-                    f"--merge: part {folder} has {key} {meta[key]!r}, part {metas[0][0]} has"
-                    f" {metas[0][1][key]!r}; preprocess every part with the same command"
+                    f"--merge: part {folder} has {key} {value!r}, part {metas[0][0]} has"
+                    f" {first[key]!r}; preprocess every part with the same command"
                 )
-        if meta["part"]["shard_tokens"] != metas[0][1]["part"]["shard_tokens"]:
-            raise DataError(
-                f"--merge: part {folder} was written with another --shard-tokens;"
-                " preprocess every part with the same command"
-            )
     return metas
 
 

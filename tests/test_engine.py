@@ -120,13 +120,49 @@ def test_the_fused_gradient_norm_is_deepspeeds_and_an_overflow_still_skips():
     assert [row["layout"] for row in rows] == layouts
     for row in rows:
         bf16 = row["layout"].endswith("bf16")
-        assert row["installed"] == {"scaled_global_norm": True, "check_overflow": bf16}, row
+        assert row["installed"] == {
+            "scaled_global_norm": True,
+            "check_overflow": bf16,
+            "buffered_reduce_fallback": False,  # two ranks reduce
+        }, row
         *steps, (ours, theirs) = row["norms"]
         assert len(steps) == 3 and all(t > 0.02 for _, t in steps), row  # the clip acted
         for ours_t, theirs_t in steps:
             assert abs(ours_t - theirs_t) <= 1e-6 * theirs_t, row
         assert ours == theirs == float("inf"), row
         assert row["skipped"] and row["unchanged"], row
+
+
+@pytest.mark.distributed
+def test_one_rank_skips_reducing_with_itself_and_trains_the_same():
+    """ZeRO-1/2 on one CPU rank (tests/zero_lone.py): DeepSpeed's reduction of the rank's
+    gradients with themselves is left out, and the weights after a few clipped steps are bit
+    for bit those of the same run with it put back."""
+    layouts = ["1:fp32", "2:fp32", "2:bf16"]
+    rows = run_ranks("zero_lone.py", *layouts, ranks=1)
+    assert [row["layout"] for row in rows] == layouts
+    for row in rows:
+        assert row["installed"] and row["moved"] and row["same"], row
+
+
+@pytest.mark.unit
+def test_the_gradient_bucket_holds_the_model_and_cpu_gradients_are_not_copied_into_it():
+    """DeepSpeed allocates its ZeRO-1/2 bucket afresh at every micro-step: sized to the
+    model's gradients (never above DeepSpeed's default), and on a CPU not filled by a copy
+    of each gradient (no caching allocator to keep from fragmenting)."""
+    for stage in (1, 2):
+        engine = EngineConfig(zero_stage=stage)
+        zero = build_ds_config(engine, OptimConfig(), 2, gradient_elements=1234, cpu=True)
+        assert zero["zero_optimization"]["reduce_bucket_size"] == 1234
+        assert zero["zero_optimization"]["contiguous_gradients"] is False
+        large = build_ds_config(engine, OptimConfig(), 2, gradient_elements=10**10, cpu=False)
+        assert large["zero_optimization"]["reduce_bucket_size"] == int(5e8)
+        assert "contiguous_gradients" not in large["zero_optimization"]  # DeepSpeed's default
+    offload = EngineConfig(zero_stage=2, offload_optimizer=True)
+    zero = build_ds_config(offload, OptimConfig(), 2, gradient_elements=1234, cpu=True)
+    assert "contiguous_gradients" not in zero["zero_optimization"]
+    stage3 = build_ds_config(EngineConfig(zero_stage=3), OptimConfig(), 2, 1234, cpu=True)
+    assert not {"reduce_bucket_size", "contiguous_gradients"} & set(stage3["zero_optimization"])
 
 
 @pytest.mark.unit

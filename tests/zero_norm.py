@@ -34,7 +34,8 @@ def check_layout(stage: int, precision: str, world) -> dict:
     engine_cfg = EngineConfig(zero_stage=stage, precision=precision, micro_batch_size=2)
     engine = runtime.initialize(model, Config(optim=OPTIM, engine=engine_cfg), world)
     optimizer = engine.optimizer
-    installed = {name: name in vars(optimizer) for name in ("scaled_global_norm", "check_overflow")}
+    names = ("scaled_global_norm", "check_overflow", "buffered_reduce_fallback")
+    installed = {name: name in vars(optimizer) for name in names}
     fused = optimizer.scaled_global_norm
     pairs = []
 

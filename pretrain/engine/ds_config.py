@@ -17,12 +17,29 @@ NEVER = 1 << 30  # DeepSpeed's own periodic console prints are replaced by our l
 # by the comms logger: tests/test_train.py). These are DeepSpeed's defaults, stated. The
 # first step, before DeepSpeed has traced one, relies on runtime.gather_shared_encoder_whole.
 ZERO3_REUSE = int(1e9)
+# DeepSpeed's default gradient bucket (elements). ZeRO-1/2 allocate a fresh bucket of this
+# size at every micro-step: 2 GB of fp32 for any model, which on a CPU is a fresh mapping
+# whose pages fault in at every step. A bucket as large as the model's gradients holds the
+# same reduction (one per micro-step, the same elements) in the memory it needs.
+REDUCE_BUCKET = int(5e8)
 
 
-def zero_config(engine: EngineConfig) -> dict[str, Any]:
+def zero_config(
+    engine: EngineConfig, gradient_elements: int | None = None, cpu: bool = False
+) -> dict[str, Any]:
+    """`gradient_elements`: how many gradient elements one backward produces (the model's
+    trainable parameters), where known; `cpu`: the ranks run on DeepSpeed's CPU accelerator."""
     # overlap_comm as DeepSpeed would choose it, stated: ZeRO-1 must not overlap when the
     # trainer owns the accumulation boundary.
     zero: dict[str, Any] = {"stage": engine.zero_stage, "overlap_comm": engine.zero_stage == 3}
+    if engine.zero_stage in (1, 2) and gradient_elements:
+        zero["reduce_bucket_size"] = min(REDUCE_BUCKET, gradient_elements)
+    if engine.zero_stage in (1, 2) and cpu and not engine.offload_optimizer:
+        # Contiguous gradients copy each gradient into the bucket as it is produced, so that
+        # a GPU's caching allocator does not fragment; a CPU's allocator has no such cache, and
+        # the copy costs more than it saves (bench_train --engine). The reduction is then one
+        # all-reduce of the bucket instead of one reduce per owner: the same sums.
+        zero["contiguous_gradients"] = False
     if engine.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = engine.zero3_persistence_threshold
         zero["stage3_max_reuse_distance"] = ZERO3_REUSE
@@ -71,9 +88,15 @@ def comms_logger_config(engine: EngineConfig) -> dict[str, Any]:
     return {"comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
 
 
-def build_ds_config(engine: EngineConfig, optim: OptimConfig, world_size: int) -> dict[str, Any]:
+def build_ds_config(
+    engine: EngineConfig,
+    optim: OptimConfig,
+    world_size: int,
+    gradient_elements: int | None = None,
+    cpu: bool = False,
+) -> dict[str, Any]:
     """DeepSpeed config for `world_size` ranks: data-parallel, or pipeline stages times
-    data-parallel replicas."""
+    data-parallel replicas (`gradient_elements`, `cpu`: see zero_config)."""
     return {
         "train_micro_batch_size_per_gpu": engine.micro_batch_size,
         "gradient_accumulation_steps": engine.grad_accum_steps,
@@ -83,7 +106,7 @@ def build_ds_config(engine: EngineConfig, optim: OptimConfig, world_size: int) -
         # DeepSpeed's own micro-step count out of line with ours.
         "managed_gradient_accumulation": False,
         "gradient_clipping": optim.grad_clip,
-        "zero_optimization": zero_config(engine),
+        "zero_optimization": zero_config(engine, gradient_elements, cpu),
         **precision_config(engine.precision),
         # Our optimizers (torch AdamW, our LAMB) are plain torch optimizers.
         "zero_allow_untested_optimizer": True,

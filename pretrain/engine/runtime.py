@@ -20,7 +20,7 @@ from torch import nn
 from pretrain import hardware
 from pretrain.config import Config, ConfigError
 from pretrain.engine.ds_config import build_ds_config
-from pretrain.engine.fused import fuse_grad_norm
+from pretrain.engine.fused import fuse_grad_norm, skip_lone_reduction
 from pretrain.engine.optim import Lamb, build_optimizer, build_scheduler
 from pretrain.engine.partitions import zero_partitions
 
@@ -136,9 +136,16 @@ def initialize(model: nn.Module, cfg: Config, world: World):
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=build_ds_config(cfg.engine, cfg.optim, world.size),
+        config=build_ds_config(
+            cfg.engine,
+            cfg.optim,
+            world.size,
+            gradient_elements=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            cpu=world.device.type == "cpu",
+        ),
     )
     fuse_grad_norm(engine.optimizer)
+    skip_lone_reduction(engine.optimizer)
     # Without ZeRO in fp32 the engine steps our optimizer over the model's own tensors.
     if isinstance(optimizer, Lamb) and engine.optimizer is not optimizer:
         optimizer.partitions = zero_partitions(engine.optimizer)

@@ -134,15 +134,19 @@ def test_the_fused_gradient_norm_is_deepspeeds_and_an_overflow_still_skips():
 
 
 @pytest.mark.distributed
-def test_one_rank_skips_reducing_with_itself_and_trains_the_same():
-    """ZeRO-1/2 on one CPU rank (tests/zero_lone.py): DeepSpeed's reduction of the rank's
-    gradients with themselves is left out, and the weights after a few clipped steps are bit
-    for bit those of the same run with it put back."""
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_our_zero_shortcuts_train_bit_for_bit_as_deepspeeds_own_path(ranks):
+    """ZeRO-1/2 (tests/zero_paths.py): the one-pass step, and on one rank no reduction of the
+    rank with itself, give the weights and fp32 masters of DeepSpeed's own path bit for bit
+    over clipped steps and a skipped non-finite one."""
     layouts = ["1:fp32", "2:fp32", "2:bf16"]
-    rows = run_ranks("zero_lone.py", *layouts, ranks=1)
+    rows = run_ranks("zero_paths.py", *layouts, ranks=ranks)
     assert [row["layout"] for row in rows] == layouts
+    expected = [False, False, False, True, False]  # step 4's loss is not finite
     for row in rows:
-        assert row["installed"] and row["moved"] and row["same"], row
+        assert row["installed"] == {"step": True, "buffered_reduce_fallback": ranks == 1}, row
+        assert row["moved"] and row["skipped"] == [expected, expected], row
+        assert row["same_weights"] and row["same_master"], row
 
 
 @pytest.mark.unit

@@ -20,7 +20,7 @@ from torch import nn
 from pretrain import hardware
 from pretrain.config import Config, ConfigError
 from pretrain.engine.ds_config import build_ds_config
-from pretrain.engine.fused import fuse_grad_norm, skip_lone_reduction
+from pretrain.engine.fused import fuse_grad_norm, one_pass_step, skip_lone_reduction
 from pretrain.engine.optim import Lamb, build_optimizer, build_scheduler
 from pretrain.engine.partitions import zero_partitions
 
@@ -146,6 +146,7 @@ def initialize(model: nn.Module, cfg: Config, world: World):
     )
     fuse_grad_norm(engine.optimizer)
     skip_lone_reduction(engine.optimizer)
+    one_pass_step(engine.optimizer)
     # Without ZeRO in fp32 the engine steps our optimizer over the model's own tensors.
     if isinstance(optimizer, Lamb) and engine.optimizer is not optimizer:
         optimizer.partitions = zero_partitions(engine.optimizer)

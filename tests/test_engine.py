@@ -136,15 +136,20 @@ def test_the_fused_gradient_norm_is_deepspeeds_and_an_overflow_still_skips():
 @pytest.mark.distributed
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_our_zero_shortcuts_train_bit_for_bit_as_deepspeeds_own_path(ranks):
-    """ZeRO-1/2 (tests/zero_paths.py): the one-pass step, and on one rank no reduction of the
-    rank with itself, give the weights and fp32 masters of DeepSpeed's own path bit for bit
-    over clipped steps and a skipped non-finite one."""
+    """ZeRO-1/2 (tests/zero_paths.py): the one-pass step, the bucket sized to the gradients,
+    no contiguous gradients on a CPU and, on one rank, no reduction of the rank with itself
+    give the weights and fp32 masters of DeepSpeed's own path and defaults bit for bit over
+    clipped steps and a skipped non-finite one."""
     layouts = ["1:fp32", "2:fp32", "2:bf16"]
     rows = run_ranks("zero_paths.py", *layouts, ranks=ranks)
     assert [row["layout"] for row in rows] == layouts
     expected = [False, False, False, True, False]  # step 4's loss is not finite
     for row in rows:
-        assert row["installed"] == {"step": True, "buffered_reduce_fallback": ranks == 1}, row
+        assert row["installed"] == {
+            "step": True,
+            "buffered_reduce_fallback": ranks == 1,
+            "contiguous_gradients": False,
+        }, row
         assert row["moved"] and row["skipped"] == [expected, expected], row
         assert row["same_weights"] and row["same_master"], row
 

@@ -1,14 +1,15 @@
-"""Our ZeRO-1/2 shortcuts (pretrain/engine/fused.py: one_pass_step everywhere, and
-skip_lone_reduction on one rank) against DeepSpeed's own path; run by tests/test_engine.py
+"""Our ZeRO-1/2 path (pretrain/engine/fused.py: one_pass_step everywhere, skip_lone_reduction
+on one rank; pretrain/engine/ds_config.py: a bucket the size of the gradients and, on a CPU,
+no contiguous gradients) against DeepSpeed's own; run by tests/test_engine.py
 (`torchrun --nproc_per_node=N tests/zero_paths.py STAGE:PRECISION ...`).
 
 Each layout trains a tiny model from the same weights twice: as the engine is built, and
-with DeepSpeed's own step and reduction put back (the fused norm stays in both: it is held
-against DeepSpeed's by tests/zero_norm.py). A few clipped steps, then one whose loss is inf
-on rank 0 and NaN elsewhere (skipped), then one more. Prints one JSON line per layout:
-which shortcuts were installed, whether training moved the weights, whether the non-finite
-step was skipped by both, and whether the weights and the fp32 master partitions of the two
-runs are bit for bit the same.
+with DeepSpeed's own step and reduction and its default bucket and contiguous gradients
+(the fused norm stays in both: it is held against DeepSpeed's by tests/zero_norm.py). A
+few clipped steps, then one whose loss is inf on rank 0 and NaN elsewhere (skipped), then
+one more. Prints one JSON line per layout: which shortcuts were installed, whether training
+moved the weights, whether the non-finite step was skipped by both, and whether the weights
+and the fp32 master partitions of the two runs are bit for bit the same.
 """
 
 from __future__ import annotations
@@ -24,6 +25,18 @@ from pretrain.engine import runtime
 
 OPTIM = OptimConfig(lr=0.01, decay="constant", warmup_steps=0, grad_clip=0.02)
 SHORTCUTS = ("step", "buffered_reduce_fallback")
+OUR_ZERO_KEYS = ("reduce_bucket_size", "contiguous_gradients")
+OUR_CONFIG = runtime.build_ds_config
+
+
+def deepspeeds_config(*args, **kwargs) -> dict:
+    """Our DeepSpeed config without the ZeRO keys we set for speed: DeepSpeed's defaults."""
+    ds = OUR_CONFIG(*args, **kwargs)
+    for key in OUR_ZERO_KEYS:
+        ds["zero_optimization"].pop(key, None)
+    return ds
+
+
 NONFINITE = 4  # the step whose loss is not finite
 
 
@@ -31,9 +44,11 @@ def train(stage: int, precision: str, world, ours: bool) -> dict:
     model = tiny_model("albert", seed=0).train()
     start = [p.detach().float().clone() for p in model.parameters()]
     engine_cfg = EngineConfig(zero_stage=stage, precision=precision, micro_batch_size=2)
+    runtime.build_ds_config = OUR_CONFIG if ours else deepspeeds_config
     engine = runtime.initialize(model, Config(optim=OPTIM, engine=engine_cfg), world)
     optimizer = engine.optimizer
     installed = {name: name in vars(optimizer) for name in SHORTCUTS}
+    installed["contiguous_gradients"] = optimizer.contiguous_gradients
     if not ours:
         for name in SHORTCUTS:
             vars(optimizer).pop(name, None)  # DeepSpeed's own method again

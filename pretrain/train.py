@@ -28,7 +28,7 @@ import torch
 
 from pretrain import hardware
 from pretrain.config import Config, ConfigError, load_config, to_dict
-from pretrain.data.loader import PretrainDataset, make_loader
+from pretrain.data.loader import PretrainDataset, loader_workers, make_loader
 from pretrain.distillation import Distiller
 from pretrain.engine import manifest, pipeline, runtime
 from pretrain.engine.checkpointer import Checkpointer
@@ -368,7 +368,7 @@ class Trainer:
                 e.micro_batch_size,
                 replica,
                 replicas,
-                cfg.data.num_workers,
+                loader_workers(cfg.data.num_workers, self.world.device),
             )
         )
         while self.step < cfg.train.max_steps:

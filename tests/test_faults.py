@@ -438,7 +438,10 @@ def test_sigterm_to_the_launcher_returns_after_the_ranks_saved_and_resumes(
     signal on and returns only when every rank has saved and exited, with their status."""
     out = tmp_path / "run"
     process = spawn(
-        launch_args("tiny-albert.yaml", shards_dir, out, "--train.max_steps=100000"),
+        # One loader worker per rank, as on a GPU: the signal reaches the workers too.
+        launch_args(
+            "tiny-albert.yaml", shards_dir, out, "--train.max_steps=100000", "--data.num_workers=1"
+        ),
         env=env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

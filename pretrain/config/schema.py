@@ -317,8 +317,9 @@ class DataConfig(Section):
     """Tokens per training sample."""
     short_seq_prob: float = bounded(0.1, ge=0.0, le=1.0)
     """Probability of a shorter target length (ALBERT)."""
-    num_workers: int = bounded(1, ge=0)
-    """Loader worker processes per rank; 0 loads in the training process."""
+    num_workers: int | None = bounded(None, ge=0)
+    """Loader worker processes per rank; 0 loads in the training process. Default: 1 on
+    GPUs; 0 on CPUs, where a worker would build batches on the cores the ranks compute on."""
 
 
 @dataclass

@@ -179,6 +179,15 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """data.num_workers as it runs on `device`: the configured count, or by default one
+    worker beside a GPU and none on a CPU, where its batches would be built on the cores
+    the ranks compute on (in process, a batch costs its build time and no transfer)."""
+    if requested is not None:
+        return requested
+    return 0 if device.type == "cpu" else 1
+
+
 def make_loader(
     dataset: PretrainDataset,
     consumed: int,

@@ -39,7 +39,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _skip_shm_comm_build() -> None:
+def skip_shm_comm_build() -> None:
     """DeepSpeed's CPU backend compiles a shared-memory op at every start, under a lock file in
     ~/.cache/torch_extensions. Training never calls it (only `inference_all_reduce` does), and a
     rank killed while holding that lock leaves it behind, after which every later start waits
@@ -63,7 +63,7 @@ def init_distributed() -> World:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not torch.cuda.is_available():
-        _skip_shm_comm_build()
+        skip_shm_comm_build()
     deepspeed.init_distributed(verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
